@@ -1,0 +1,312 @@
+"""Greedy multipoint quantization in output space, and the shared weight container.
+
+A channel's weight w (d,) is approximated by sum_i a_i q_i with q_i in the b-bit
+grid. Step k works on the residual r = w - sum_{i<k} a_i q_i:
+
+* candidate scales a = rho * max|r| / Q for ``ratios`` rho (rho = 1, the min-max
+  scale, is always the first one), q = clip(round(r / a), -Q, Q);
+* the error of a candidate in the H metric is e(a, q) = r^T H r - 2 a r^T H q +
+  a^2 q^T H q; the least-squares refit a* = r^T H q / q^T H q replaces a where it
+  gives a lower error (e(a*, q) = r^T H r - (r^T H q)^2 / q^T H q). A negative a*
+  is stored as |a*| with -q (the grid is symmetric);
+* the candidate with the lowest error wins (ties: the earlier candidate, so the
+  min-max scale wins ties). Hence a step is never worse than the min-max step in
+  the metric used, and with the refit it never increases the error. The error of
+  the new residual is then evaluated directly; if float rounding makes it exceed the
+  previous one (only possible when r^T H q ~ 0), the point gets scale 0 (it is
+  a no-op, and the allocation never picks a point with zero gain).
+
+Everything is vectorized over channels. Points can be computed lazily: compute
+``n_points`` for all channels, then ``extend_points`` for the few channels that the
+allocation wants to give more.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .grid import (check_bits, check_max_points, check_positive_int, check_weight,
+                   qmax)
+from .stats import HForm, IdentityH
+
+DEFAULT_N_CANDIDATES = 16
+# Smallest candidate ratio rho (scale relative to the min-max scale) per bit width.
+DEFAULT_MIN_RATIO = {2: 0.15, 3: 0.25}
+DEFAULT_MIN_RATIO_HIGH = 0.35
+
+
+def default_ratios(bits: int, n_candidates: int = DEFAULT_N_CANDIDATES,
+                   min_ratio: float | None = None) -> Tensor:
+    """Candidate ratios, from 1 (the min-max scale) down to ``min_ratio``."""
+    bits = check_bits(bits)
+    n = check_positive_int(n_candidates, 'n_candidates')
+    lo = DEFAULT_MIN_RATIO.get(bits, DEFAULT_MIN_RATIO_HIGH) if min_ratio is None \
+        else float(min_ratio)
+    if not 0 < lo <= 1:
+        raise ValueError(f'min_ratio must be in (0, 1], got {lo}')
+    if n == 1:
+        return torch.ones(1)
+    return torch.linspace(1.0, lo, n)
+
+
+@dataclass
+class PointSet:
+    """Greedy points for all channels of one layer, before allocation.
+
+    ``computed[j]`` points are valid for channel j; entries beyond are zero (scales,
+    codes) or NaN (err, werr).
+    """
+    scales: Tensor      # (C, P) float32
+    codes: Tensor       # (C, P, d) int8
+    err: Tensor         # (C, P+1) output error (in H's metric) after 0..P points
+    werr: Tensor        # (C, P+1) weight-space squared error after 0..P points
+    computed: Tensor    # (C,) int64
+    bits: int
+    search: dict = field(default_factory=dict)   # n_candidates / refit / ratios
+
+    @property
+    def max_points(self) -> int:
+        return self.scales.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.scales.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.codes.shape[2]
+
+
+@dataclass
+class QuantizedWeight:
+    """Quantized weight of one layer, shared by all methods.
+
+    Rows are channel-major: channel 0's points, then channel 1's, ...
+    """
+    codes: Tensor       # (sum_j n_j, d) int8
+    scales: Tensor      # (sum_j n_j,) float32
+    npoints: Tensor     # (C_out,) int64
+    bits: int
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> 'QuantizedWeight':
+        check_bits(self.bits)
+        if self.codes.dim() != 2 or self.codes.dtype != torch.int8:
+            raise ValueError('codes must be a (rows, d) int8 tensor, got '
+                             f'{tuple(self.codes.shape)} {self.codes.dtype}')
+        if self.npoints.dim() != 1 or self.npoints.numel() == 0:
+            raise ValueError('npoints must be a non-empty (C_out,) tensor')
+        if bool((self.npoints < 1).any()):
+            raise ValueError('npoints must be >= 1 for every channel')
+        rows = int(self.npoints.sum())
+        if self.codes.shape[0] != rows or self.scales.shape != (rows,):
+            raise ValueError(f'codes {tuple(self.codes.shape)} and scales '
+                             f'{tuple(self.scales.shape)} must have sum(npoints)='
+                             f'{rows} rows')
+        q = qmax(self.bits)
+        if rows and int(self.codes.abs().max()) > q:
+            raise ValueError(f'codes must lie in -{q}..{q} for bits={self.bits}')
+        return self
+
+    @property
+    def out_channels(self) -> int:
+        return self.npoints.numel()
+
+    @property
+    def d(self) -> int:
+        return self.codes.shape[1]
+
+    def row_channel(self) -> Tensor:
+        """(rows,) output channel of each row."""
+        return torch.repeat_interleave(
+            torch.arange(self.out_channels, device=self.npoints.device), self.npoints)
+
+    def dequantize(self) -> Tensor:
+        rows = self.codes.float() * self.scales.float()[:, None]
+        out = torch.zeros(self.out_channels, self.d, dtype=torch.float32,
+                          device=rows.device)
+        return out.index_add_(0, self.row_channel().to(rows.device), rows)
+
+    @classmethod
+    def from_single(cls, scales: Tensor, codes: Tensor, bits: int) -> 'QuantizedWeight':
+        C = codes.shape[0]
+        return cls(codes.to(torch.int8).contiguous(), scales.float().reshape(C),
+                   torch.ones(C, dtype=torch.int64), bits)
+
+    def extra_points(self) -> int:
+        return int(self.npoints.sum()) - self.out_channels
+
+
+def from_single(scales: Tensor, codes: Tensor, bits: int) -> QuantizedWeight:
+    """One point per channel (rtn, mse, ocs) as a QuantizedWeight."""
+    return QuantizedWeight.from_single(scales, codes, bits)
+
+
+def select_points(ps: PointSet, npoints: Tensor) -> QuantizedWeight:
+    """Keep the first ``npoints[j]`` points of every channel."""
+    npoints = torch.as_tensor(npoints, dtype=torch.int64)
+    if npoints.shape != (ps.channels,):
+        raise ValueError(f'npoints must have shape ({ps.channels},), got '
+                         f'{tuple(npoints.shape)}')
+    if bool((npoints < 1).any()) or bool((npoints > ps.computed).any()):
+        raise ValueError('npoints must be in 1..computed points for every channel')
+    mask = torch.arange(ps.max_points)[None, :] < npoints[:, None]
+    return QuantizedWeight(ps.codes[mask].contiguous(), ps.scales[mask].contiguous(),
+                           npoints.clone(), ps.bits)
+
+
+# ------------------------------------------------------------------------ search
+def _check_layer(W: Tensor, H: HForm | None) -> HForm:
+    check_weight(W, 'W')
+    C, d = W.shape
+    if H is None:
+        return IdentityH(d, 1)
+    if not isinstance(H, HForm):
+        raise ValueError(f'H must be an HForm (see mpq_det.quant.stats), got '
+                         f'{type(H).__name__}')
+    if H.d != d:
+        raise ValueError(f'H is for d={H.d} but W has shape {tuple(W.shape)}')
+    if C % H.groups:
+        raise ValueError(f'W has {C} output channels, not divisible by the '
+                         f'{H.groups} groups of H')
+    return H
+
+
+def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = True,
+                err_prev: Tensor | None = None, gidx: Tensor | None = None):
+    """One greedy step for all rows of R (C, d).
+
+    Returns (scale (C,), codes (C, d) float, new residual, new error (C,)).
+    """
+    Q = qmax(bits)
+    C = R.shape[0]
+    m = R.abs().amax(1)
+    HR = H.matvec(R, gidx)
+    rHr = torch.linalg.vecdot(R, HR)
+    if err_prev is None:
+        err_prev = rHr
+    best_err = torch.full((C,), float('inf'))
+    best_a = torch.zeros(C)
+    best_i = torch.zeros(C, dtype=torch.int64)
+    nz = m > 0
+    q = torch.empty_like(R)
+    for i, rho in enumerate(ratios.tolist()):
+        a = m * (rho / Q)
+        inv = torch.where(nz, 1.0 / torch.where(nz, a, torch.ones_like(a)),
+                          torch.zeros_like(a))
+        torch.mul(R, inv[:, None], out=q)
+        q.round_().clamp_(-Q, Q)
+        b = torch.linalg.vecdot(q, HR)
+        c = H.quad(q, gidx)
+        err = rHr - 2 * a * b + a * a * c
+        if refit:
+            ok = c > 0
+            c_safe = torch.where(ok, c, torch.ones_like(c))
+            a_ls = b / c_safe
+            err_ls = rHr - b * a_ls
+            use = ok & (err_ls < err)
+            a = torch.where(use, a_ls, a)
+            err = torch.where(use, err_ls, err)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_a = torch.where(better, a, best_a)
+        best_i = torch.where(better, torch.full_like(best_i, i), best_i)
+    a_cand = m * (ratios[best_i] / Q)
+    inv = torch.where(nz, 1.0 / torch.where(nz, a_cand, torch.ones_like(a_cand)),
+                      torch.zeros_like(a_cand))
+    q = torch.round(R * inv[:, None]).clamp_(-Q, Q)
+    sign = torch.where(best_a < 0, -1.0, 1.0)
+    q = q * sign[:, None]
+    scale = best_a.abs()
+    R_new = R - scale[:, None] * q
+    err_new = H.quad(R_new, gidx)
+    bad = ~(err_new <= err_prev) | ~nz
+    if bool(bad.any()):
+        scale = torch.where(bad, torch.zeros_like(scale), scale)
+        q = torch.where(bad[:, None], torch.zeros_like(q), q)
+        R_new = torch.where(bad[:, None], R, R_new)
+        err_new = torch.where(bad, err_prev, err_new)
+    return scale, q, R_new, err_new
+
+
+def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
+                      max_points: int = 4, n_candidates: int = DEFAULT_N_CANDIDATES,
+                      refit: bool = True, n_points: int | None = None,
+                      min_ratio: float | None = None) -> PointSet:
+    """Greedy points for every channel of W (C, d) in the metric of H.
+
+    ``H`` None means the weight-space metric (H = I). ``n_points`` (default
+    ``max_points``) points are computed now for every channel; the rest can be added
+    later with ``extend_points``.
+    """
+    bits = check_bits(bits)
+    P = check_max_points(max_points)
+    n_points = P if n_points is None else check_positive_int(n_points, 'n_points')
+    n_points = min(n_points, P)
+    H = _check_layer(W, H)
+    W = W.detach().float().cpu()
+    C, d = W.shape
+    ratios = default_ratios(bits, n_candidates, min_ratio)
+    ps = PointSet(scales=torch.zeros(C, P), codes=torch.zeros(C, P, d, dtype=torch.int8),
+                  err=torch.full((C, P + 1), float('nan')),
+                  werr=torch.full((C, P + 1), float('nan')),
+                  computed=torch.zeros(C, dtype=torch.int64), bits=bits,
+                  search=dict(ratios=ratios, refit=bool(refit)))
+    ps.err[:, 0] = H.quad(W)
+    ps.werr[:, 0] = torch.linalg.vecdot(W, W)
+    R = W
+    for k in range(n_points):
+        scale, q, R, e = greedy_step(R, H, bits, ratios, refit, ps.err[:, k])
+        ps.scales[:, k] = scale
+        ps.codes[:, k] = q.to(torch.int8)
+        ps.err[:, k + 1] = e
+        ps.werr[:, k + 1] = torch.linalg.vecdot(R, R)
+    ps.computed.fill_(n_points)
+    return ps
+
+
+def residual(ps: PointSet, W: Tensor, channels: Tensor | None = None) -> Tensor:
+    """W - (computed points) for the given channels."""
+    if channels is None:
+        channels = torch.arange(ps.channels)
+    W = W.detach().float().cpu()[channels]
+    mask = torch.arange(ps.max_points)[None, :] < ps.computed[channels][:, None]
+    s = ps.scales[channels] * mask
+    return W - torch.einsum('cp,cpd->cd', s, ps.codes[channels].float())
+
+
+def extend_points(ps: PointSet, W: Tensor, H: HForm | None, channels: Tensor,
+                  n_points: int | None = None) -> PointSet:
+    """Compute points up to ``n_points`` (default max_points) for ``channels``, in
+    place. Same search settings as the original ``greedy_multipoint`` call."""
+    H = _check_layer(W, H)
+    target = ps.max_points if n_points is None else min(int(n_points), ps.max_points)
+    channels = torch.as_tensor(channels, dtype=torch.int64).reshape(-1)
+    channels = channels[ps.computed[channels] < target]
+    if channels.numel() == 0:
+        return ps
+    C = ps.channels
+    gidx_all = None
+    if H.groups > 1:
+        gidx_all = channels // (C // H.groups)
+    R = residual(ps, W, channels)
+    ratios, refit = ps.search['ratios'], ps.search['refit']
+    for k in range(int(ps.computed[channels].min()), target):
+        sel = ps.computed[channels] == k
+        if not bool(sel.any()):
+            continue
+        ch = channels[sel]
+        g = None if gidx_all is None else gidx_all[sel]
+        scale, q, Rn, e = greedy_step(R[sel], H, ps.bits, ratios, refit,
+                                      ps.err[ch, k], gidx=g)
+        R[sel] = Rn
+        ps.scales[ch, k] = scale
+        ps.codes[ch, k] = q.to(torch.int8)
+        ps.err[ch, k + 1] = e
+        ps.werr[ch, k + 1] = torch.linalg.vecdot(Rn, Rn)
+        ps.computed[ch] = k + 1
+    return ps

@@ -1,0 +1,71 @@
+"""Packing of b-bit codes into bytes, vectorized, for every b in 2..8.
+
+A code c in -Q..Q is stored as the unsigned field u = c + Q (0..2Q < 2**b).
+Layout: a little-endian bitstream. Codes are taken in groups of 8 (the last group
+zero-padded); a group holds 8*b bits = exactly b bytes, code i of the group in
+bits [i*b, (i+1)*b) of the group's little-endian integer. So ``numel`` codes take
+ceil(numel / 8) * b bytes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .grid import check_bits, qmax
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    return math.ceil(int(numel) / 8) * check_bits(bits)
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """int8 codes (any shape) -> flat uint8 tensor of ``packed_nbytes`` bytes."""
+    bits = check_bits(bits)
+    Q = qmax(bits)
+    if not isinstance(codes, Tensor) or codes.dtype != torch.int8:
+        raise ValueError('codes must be an int8 tensor')
+    flat = codes.reshape(-1)
+    if flat.numel() and int(flat.abs().max()) > Q:
+        raise ValueError(f'codes must lie in -{Q}..{Q} for bits={bits}')
+    u = (flat.to(torch.int64) + Q)
+    n = flat.numel()
+    pad = (-n) % 8
+    if pad:
+        u = torch.cat([u, u.new_zeros(pad)])
+    if bits == 8:
+        return u.to(torch.uint8).cpu()
+    g = u.reshape(-1, 8)
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    word = (g << shifts).sum(1)                                  # < 2**56
+    bshift = torch.arange(bits, dtype=torch.int64) * 8
+    out = (word[:, None] >> bshift) & 0xFF
+    return out.to(torch.uint8).reshape(-1).cpu()
+
+
+def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of ``pack_codes``: flat int8 tensor of ``numel`` codes."""
+    bits = check_bits(bits)
+    Q = qmax(bits)
+    if not isinstance(packed, Tensor) or packed.dtype != torch.uint8:
+        raise ValueError('packed must be a uint8 tensor')
+    if isinstance(numel, bool) or int(numel) < 0:
+        raise ValueError(f'numel must be an integer >= 0, got {numel!r}')
+    numel = int(numel)
+    expect = packed_nbytes(numel, bits)
+    packed = packed.reshape(-1)
+    if packed.numel() != expect:
+        raise ValueError(f'packed has {packed.numel()} bytes but {numel} codes of '
+                         f'{bits} bits need {expect}')
+    if bits == 8:
+        u = packed.to(torch.int64)[:numel]
+    else:
+        b = packed.to(torch.int64).reshape(-1, bits)
+        word = (b << (torch.arange(bits, dtype=torch.int64) * 8)).sum(1)
+        shifts = torch.arange(8, dtype=torch.int64) * bits
+        u = ((word[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]
+    if u.numel() and int(u.max()) > 2 * Q:
+        raise ValueError(f'packed data holds a field above {2 * Q}: not {bits}-bit '
+                         'codes')
+    return (u - Q).to(torch.int8)

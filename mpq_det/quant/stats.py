@@ -1,0 +1,513 @@
+"""Calibration statistic H = X^T X / N of a layer's inputs, and cheaper forms of it.
+
+For a layer with weight W (C_out, d) and input rows X (N, d) (for a Conv2d, the
+unfolded input patches, ordered like ``weight.reshape(C_out, -1)``), the output
+error of channel j with weight error d_j is ||X d_j||^2 / N = d_j^T H d_j.
+A conv with ``groups`` = G has one H per group; output channel j belongs to group
+j // (C_out // G).
+
+Forms (all positive semi-definite, all give ``quad`` and ``matvec``):
+
+* ``exact``    full (G, d, d) matrix. Memory G*d*d, cost C*d^2 per evaluation.
+* ``diag``     diagonal of H only. Memory G*d, cost C*d.
+* ``block``    diagonal blocks of ``block_size`` consecutive entries of d (for a conv:
+               neighbouring taps and input channels). Memory G*d*b, cost C*d*b.
+* ``lowrank``  top-``rank`` eigenpairs of H plus the exact diagonal of the rest:
+               H ~ U S U^T + diag(H - U S U^T). Cost C*d*k.
+* ``identity`` H = I: the weight-space metric, so the same code gives the
+               paper's weight-space variant.
+
+Accumulation memory: ``diag`` and ``block`` accumulate only what they keep; ``exact``
+and ``lowrank`` accumulate the full (G, d, d) matrix (the low-rank factorisation is
+taken in ``finalize``, with a seeded randomized subspace iteration, so it needs no
+d^3 eigendecomposition).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .grid import check_choice, check_positive_int, check_weight
+
+FORMS = ('exact', 'diag', 'block', 'lowrank', 'identity')
+DEFAULT_FORM = 'lowrank'
+DEFAULT_FORM_OPTS = {'block': {'block_size': 64}, 'lowrank': {'rank': 32}}
+
+
+def _default_generator(generator):
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    return generator
+
+
+def _pair(v, name):
+    if isinstance(v, numbers.Integral):
+        return int(v), int(v)
+    if isinstance(v, (tuple, list)) and len(v) == 2:
+        return int(v[0]), int(v[1])
+    raise ValueError(f'{name} must be an int or a pair of ints, got {v!r}')
+
+
+def _subsample(total: int, max_rows: int, generator) -> Tensor | None:
+    max_rows = check_positive_int(max_rows, 'max_rows')
+    if total <= max_rows:
+        return None
+    idx = torch.randperm(total, generator=_default_generator(generator))[:max_rows]
+    return idx.sort().values
+
+
+def conv_patches(x: Tensor, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, max_rows: int = 4096, generator=None,
+                 padding_mode: str = 'zeros') -> Tensor:
+    """Input patches of a Conv2d: (B, C_in, H, W) -> (G, N, d).
+
+    d = C_in / groups * kh * kw, ordered like ``weight.reshape(C_out, -1)`` within a
+    group. Output positions are subsampled to at most ``max_rows`` rows with
+    ``generator`` (seed 0 when None), so the result is deterministic. Only the
+    chosen positions are gathered: memory is N * C_in * kh * kw.
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError('x must be a (B, C_in, H, W) tensor, got '
+                         f'{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}')
+    groups = check_positive_int(groups, 'groups')
+    B, C, Hh, Ww = x.shape
+    if C % groups:
+        raise ValueError(f'groups={groups} must divide the {C} input channels')
+    kh, kw = _pair(kernel_size, 'kernel_size')
+    sh, sw = _pair(stride, 'stride')
+    dh, dw = _pair(dilation, 'dilation')
+    if isinstance(padding, str):
+        check_choice(padding, 'padding', ('valid', 'same'))
+        if padding == 'valid':
+            pads = (0, 0, 0, 0)
+        else:
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    else:
+        ph, pw = _pair(padding, 'padding')
+        pads = (pw, pw, ph, ph)
+    if any(pads):
+        mode = 'constant' if padding_mode == 'zeros' else padding_mode
+        x = F.pad(x, pads, mode=mode)
+    Hp, Wp = x.shape[-2:]
+    Ho = (Hp - dh * (kh - 1) - 1) // sh + 1
+    Wo = (Wp - dw * (kw - 1) - 1) // sw + 1
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError(f'input of spatial size {(Hh, Ww)} is too small for the kernel')
+    total = B * Ho * Wo
+    idx = _subsample(total, max_rows, generator)
+    if idx is None:
+        idx = torch.arange(total)
+    idx = idx.to(x.device)
+    b = idx // (Ho * Wo)
+    oy = (idx // Wo) % Ho
+    ox = idx % Wo
+    cols = []
+    for ki in range(kh):
+        yy = oy * sh + ki * dh
+        for kj in range(kw):
+            xx = ox * sw + kj * dw
+            cols.append(x[b, :, yy, xx])            # (N, C)
+    rows = torch.stack(cols, dim=-1)              # (N, C, kh*kw)
+    N = rows.shape[0]
+    rows = rows.reshape(N, groups, (C // groups) * kh * kw)
+    return rows.permute(1, 0, 2).contiguous()
+
+
+def linear_rows(x: Tensor, max_rows: int = 4096, generator=None) -> Tensor:
+    """Input rows of a Linear: (..., d) -> (1, N, d), subsampled to <= max_rows."""
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.numel() == 0:
+        raise ValueError('x must be a non-empty (..., d) tensor')
+    x = x.reshape(-1, x.shape[-1])
+    idx = _subsample(x.shape[0], max_rows, generator)
+    if idx is not None:
+        x = x[idx.to(x.device)]
+    return x[None].contiguous()
+
+
+# --------------------------------------------------------------------------- forms
+class HForm:
+    """An approximation of H for one layer, aware of conv groups.
+
+    ``quad(D)`` -> (C,) d_j^T H_g(j) d_j; ``matvec(D)`` -> (C, d) H_g(j) d_j.
+    ``gidx`` (C,) optionally gives each row's group explicitly (for row subsets);
+    otherwise rows are the full layer and channel j is in group j // (C // G).
+    """
+    kind = 'base'
+
+    def __init__(self, d: int, groups: int = 1):
+        self.d = int(d)
+        self.groups = int(groups)
+
+    # subclasses implement _quad_g / _matvec_g on (G, Cg, d) and _rows variants
+    def _grouped(self, D: Tensor) -> Tensor:
+        C, d = D.shape
+        if d != self.d:
+            raise ValueError(f'D has {d} columns but H is for d={self.d}')
+        if C % self.groups:
+            raise ValueError(f'{C} output channels are not divisible by '
+                             f'groups={self.groups}')
+        return D.reshape(self.groups, C // self.groups, d)
+
+    def _check_rows(self, D, gidx):
+        if D.dim() != 2 or D.shape[1] != self.d:
+            raise ValueError(f'D must be (C, {self.d}), got {tuple(D.shape)}')
+        if gidx is not None and gidx.shape != (D.shape[0],):
+            raise ValueError('gidx must have one entry per row of D')
+
+    def quad(self, D: Tensor, gidx: Tensor | None = None) -> Tensor:
+        self._check_rows(D, gidx)
+        if gidx is None or self.groups == 1:
+            return self._quad_g(self._grouped(D) if gidx is None
+                                else D[None]).reshape(-1)
+        return self._quad_rows(D, gidx)
+
+    def matvec(self, D: Tensor, gidx: Tensor | None = None) -> Tensor:
+        self._check_rows(D, gidx)
+        if gidx is None or self.groups == 1:
+            return self._matvec_g(self._grouped(D) if gidx is None
+                                  else D[None]).reshape(D.shape)
+        return self._matvec_rows(D, gidx)
+
+    def bilinear(self, A: Tensor, B: Tensor, gidx: Tensor | None = None) -> Tensor:
+        """(C,) a_j^T H b_j."""
+        return torch.linalg.vecdot(A, self.matvec(B, gidx))
+
+    # generic per-row fallbacks: loop over the groups present (not over channels)
+    def _quad_rows(self, D, gidx):
+        out = D.new_empty(D.shape[0])
+        for g in gidx.unique().tolist():
+            m = gidx == g
+            out[m] = self._sub(g)._quad_g(D[m][None]).reshape(-1)
+        return out
+
+    def _matvec_rows(self, D, gidx):
+        out = torch.empty_like(D)
+        for g in gidx.unique().tolist():
+            m = gidx == g
+            out[m] = self._sub(g)._matvec_g(D[m][None])[0]
+        return out
+
+    def dense(self) -> Tensor:
+        """(G, d, d) dense matrix of this form (for tests and small layers)."""
+        eye = torch.eye(self.d)
+        return torch.stack([self._sub(g)._matvec_g(eye[None])[0]
+                            for g in range(self.groups)])
+
+    def diagonal(self) -> Tensor:
+        return torch.stack([self.dense()[g].diagonal() for g in range(self.groups)])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def _tensors(self):
+        return []
+
+    def __repr__(self):
+        return f'{type(self).__name__}(d={self.d}, groups={self.groups})'
+
+
+class IdentityH(HForm):
+    """H = I: the weight-space metric."""
+    kind = 'identity'
+
+    def _quad_g(self, Dg):
+        return torch.linalg.vecdot(Dg, Dg)
+
+    def _matvec_g(self, Dg):
+        return Dg.clone()
+
+    def _sub(self, g):
+        return IdentityH(self.d, 1)
+
+    def quad(self, D, gidx=None):
+        self._check_rows(D, gidx)
+        return torch.linalg.vecdot(D, D)
+
+    def matvec(self, D, gidx=None):
+        self._check_rows(D, gidx)
+        return D.clone()
+
+
+class ExactH(HForm):
+    kind = 'exact'
+
+    def __init__(self, H: Tensor):
+        if H.dim() == 2:
+            H = H[None]
+        super().__init__(H.shape[-1], H.shape[0])
+        self.H = H.float().contiguous()
+
+    def _quad_g(self, Dg):
+        return torch.linalg.vecdot(torch.bmm(Dg, self.H), Dg)
+
+    def _matvec_g(self, Dg):
+        return torch.bmm(Dg, self.H)
+
+    def _sub(self, g):
+        return ExactH(self.H[g:g + 1])
+
+    def dense(self):
+        return self.H.clone()
+
+    def _tensors(self):
+        return [self.H]
+
+
+class DiagH(HForm):
+    kind = 'diag'
+
+    def __init__(self, h: Tensor):
+        if h.dim() == 1:
+            h = h[None]
+        super().__init__(h.shape[-1], h.shape[0])
+        self.h = h.float().contiguous()
+
+    def _quad_g(self, Dg):
+        return torch.bmm(Dg * Dg, self.h[:, :, None])[..., 0]
+
+    def _matvec_g(self, Dg):
+        return Dg * self.h[:, None, :]
+
+    def _sub(self, g):
+        return DiagH(self.h[g:g + 1])
+
+    def _quad_rows(self, D, gidx):
+        return torch.linalg.vecdot(D * self.h[gidx], D)
+
+    def _matvec_rows(self, D, gidx):
+        return D * self.h[gidx]
+
+    def _tensors(self):
+        return [self.h]
+
+
+class BlockH(HForm):
+    """Block-diagonal along d: blocks (G, nb, b, b); d padded to nb * b."""
+    kind = 'block'
+
+    def __init__(self, blocks: Tensor, d: int):
+        G, nb, b, _ = blocks.shape
+        super().__init__(d, G)
+        self.blocks = blocks.float().contiguous()
+        self.block_size = b
+        self.nb = nb
+
+    def _pad(self, Dg):
+        pad = self.nb * self.block_size - self.d
+        return F.pad(Dg, (0, pad)) if pad else Dg
+
+    def _matvec_g(self, Dg):
+        G, Cg, _ = Dg.shape
+        b, nb = self.block_size, self.nb
+        X = self._pad(Dg).reshape(G, Cg, nb, b).permute(0, 2, 1, 3)   # G nb Cg b
+        Y = torch.matmul(X, self.blocks)                                # G nb Cg b
+        Y = Y.permute(0, 2, 1, 3).reshape(G, Cg, nb * b)
+        return Y[..., :self.d]
+
+    def _quad_g(self, Dg):
+        G, Cg, _ = Dg.shape
+        b, nb = self.block_size, self.nb
+        X = self._pad(Dg).reshape(G, Cg, nb, b).permute(0, 2, 1, 3)
+        Y = torch.matmul(X, self.blocks)
+        return (X * Y).sum((1, 3))
+
+    def _sub(self, g):
+        return BlockH(self.blocks[g:g + 1], self.d)
+
+    def _tensors(self):
+        return [self.blocks]
+
+
+class LowRankH(HForm):
+    """H ~ U diag(s) U^T + diag(r): U (G, d, k), s (G, k), r (G, d) >= 0."""
+    kind = 'lowrank'
+
+    def __init__(self, U: Tensor, s: Tensor, r: Tensor):
+        if U.dim() == 2:
+            U, s, r = U[None], s[None], r[None]
+        super().__init__(U.shape[1], U.shape[0])
+        self.U = U.float().contiguous()
+        self.s = s.float().contiguous()
+        self.r = r.float().contiguous()
+        self.Us = (self.U * self.s[:, None, :].clamp_min(0).sqrt()).contiguous()
+
+    def _quad_g(self, Dg):
+        P = torch.bmm(Dg, self.Us)
+        return torch.linalg.vecdot(P, P) + torch.bmm(Dg * Dg, self.r[:, :, None])[..., 0]
+
+    def _matvec_g(self, Dg):
+        P = torch.bmm(Dg, self.Us)
+        return torch.bmm(P, self.Us.transpose(1, 2)) + Dg * self.r[:, None, :]
+
+    def _sub(self, g):
+        return LowRankH(self.U[g:g + 1], self.s[g:g + 1], self.r[g:g + 1])
+
+    def _tensors(self):
+        return [self.U, self.s, self.r]
+
+
+# ------------------------------------------------------------------ constructors
+def _topk_eig(H: Tensor, k: int, generator=None, n_iter: int = 4,
+              oversample: int = 8) -> tuple[Tensor, Tensor]:
+    """Top-k eigenpairs of PSD matrices H (G, d, d) by seeded subspace iteration."""
+    G, d, _ = H.shape
+    if k >= d or d <= 256:
+        e, V = torch.linalg.eigh(H.double())
+        e, V = e.flip(-1)[:, :k], V.flip(-1)[:, :, :k]
+        return e.float().clamp_min(0), V.float()
+    gen = _default_generator(generator)
+    p = min(d, k + oversample)
+    Q = torch.randn(G, d, p, generator=gen).to(H)
+    for _ in range(n_iter):
+        Q, _ = torch.linalg.qr(torch.bmm(H, Q))
+    T = torch.bmm(Q.transpose(1, 2), torch.bmm(H, Q)).double()
+    e, V = torch.linalg.eigh(T)
+    e, V = e.flip(-1)[:, :k].float(), V.flip(-1)[:, :, :k].float()
+    return e.clamp_min(0), torch.bmm(Q, V)
+
+
+def hform_from_dense(H: Tensor, form: str = DEFAULT_FORM, generator=None,
+                     **opts) -> HForm:
+    """Build a form from dense H: (d, d) or (G, d, d)."""
+    check_choice(form, 'form', FORMS)
+    if H.dim() == 2:
+        H = H[None]
+    if H.dim() != 3 or H.shape[1] != H.shape[2]:
+        raise ValueError(f'H must be (G, d, d), got {tuple(H.shape)}')
+    H = H.float()
+    G, d, _ = H.shape
+    o = {**DEFAULT_FORM_OPTS.get(form, {}), **opts}
+    if form == 'exact':
+        return ExactH(H)
+    if form == 'identity':
+        return IdentityH(d, G)
+    if form == 'diag':
+        return DiagH(H.diagonal(dim1=1, dim2=2))
+    if form == 'block':
+        b = min(check_positive_int(o['block_size'], 'block_size'), d)
+        nb = math.ceil(d / b)
+        Hp = F.pad(H, (0, nb * b - d, 0, nb * b - d))
+        idx = torch.arange(nb)
+        blocks = Hp.reshape(G, nb, b, nb, b)[:, idx, :, idx, :]   # nb G b b
+        return BlockH(blocks.permute(1, 0, 2, 3).contiguous(), d)
+    if form == 'lowrank':
+        k = min(check_positive_int(o['rank'], 'rank'), d)
+        e, U = _topk_eig(H, k, generator)
+        r = (H.diagonal(dim1=1, dim2=2) - (U * U * e[:, None, :]).sum(-1)).clamp_min(0)
+        return LowRankH(U, e, r)
+    raise AssertionError(form)
+
+
+def identity_hform(d: int, groups: int = 1) -> HForm:
+    return IdentityH(d, groups)
+
+
+class InputStats:
+    """Running accumulator of H = X^T X / N for one layer (per conv group).
+
+    ``update(rows)`` takes (G, N, d) rows (see ``conv_patches`` / ``linear_rows``).
+    Memory: G*d for 'diag', G*d*block_size for 'block', G*d*d for 'exact' and
+    'lowrank' (factorised at ``finalize``), nothing for 'identity'.
+    """
+
+    def __init__(self, d: int, groups: int = 1, form: str = DEFAULT_FORM,
+                 generator=None, **form_opts):
+        self.d = check_positive_int(d, 'd')
+        self.groups = check_positive_int(groups, 'groups')
+        self.form = check_choice(form, 'form', FORMS)
+        self.opts = {**DEFAULT_FORM_OPTS.get(form, {}), **form_opts}
+        self.generator = generator
+        self.n = 0
+        G = self.groups
+        if form == 'diag':
+            self.acc = torch.zeros(G, d, dtype=torch.float64)
+        elif form == 'block':
+            b = min(check_positive_int(self.opts['block_size'], 'block_size'), d)
+            self.block_size = b
+            self.nb = math.ceil(d / b)
+            self.acc = torch.zeros(G, self.nb, b, b, dtype=torch.float64)
+        elif form == 'identity':
+            self.acc = None
+        else:
+            self.acc = torch.zeros(G, d, d, dtype=torch.float32)
+
+    def update(self, rows: Tensor) -> None:
+        if rows.dim() == 2:
+            rows = rows[None]
+        if rows.dim() != 3 or rows.shape[0] != self.groups or rows.shape[2] != self.d:
+            raise ValueError(f'rows must be ({self.groups}, N, {self.d}), '
+                             f'got {tuple(rows.shape)}')
+        check_weight(rows, 'rows', ndim=3)
+        rows = rows.detach().float().cpu()
+        self.n += rows.shape[1]
+        if self.form == 'diag':
+            self.acc += (rows.double() ** 2).sum(1)
+        elif self.form == 'block':
+            b, nb = self.block_size, self.nb
+            X = F.pad(rows, (0, nb * b - self.d)).reshape(self.groups, -1, nb, b)
+            X = X.permute(0, 2, 1, 3)                                 # G nb N b
+            self.acc += torch.matmul(X.transpose(-1, -2), X).double()
+        elif self.form != 'identity':
+            self.acc += torch.bmm(rows.transpose(1, 2), rows)
+
+    def finalize(self) -> HForm:
+        if self.form == 'identity':
+            return IdentityH(self.d, self.groups)
+        if self.n == 0:
+            raise ValueError('InputStats.finalize: no rows were accumulated (update '
+                             'was never called)')
+        acc = (self.acc / self.n).float()
+        if self.form == 'diag':
+            return DiagH(acc)
+        if self.form == 'block':
+            return BlockH(acc, self.d)
+        return hform_from_dense(acc, self.form, generator=self.generator, **self.opts)
+
+
+def random_correlated_rows(n: int, d: int, groups: int = 1, rank: int = 8,
+                           generator=None, relu: bool = True) -> Tensor:
+    """Synthetic inputs (G, n, d) with a few strong shared directions, a non-zero
+    mean (as after a ReLU) and heterogeneous per-feature scales."""
+    gen = _default_generator(generator)
+    rank = min(rank, d)
+    Z = torch.randn(groups, n, rank, generator=gen)
+    M = torch.randn(groups, rank, d, generator=gen) * \
+        (torch.rand(groups, rank, 1, generator=gen) * 2 + 0.2)
+    X = torch.bmm(Z, M) + 0.5 * torch.randn(groups, n, d, generator=gen)
+    X = X * torch.exp(0.5 * torch.randn(groups, 1, d, generator=gen))
+    return X.clamp_min(0) if relu else X
+
+
+def random_hform(d: int, groups: int = 1, form: str = DEFAULT_FORM,
+                 generator=None, n_rows: int | None = None, **opts) -> HForm:
+    """A form built from synthetic correlated inputs. For the large layers of a
+    timing run, 'lowrank'/'diag'/'block' are generated directly in their compact
+    shape (no d x d matrix is formed)."""
+    check_choice(form, 'form', FORMS)
+    gen = _default_generator(generator)
+    o = {**DEFAULT_FORM_OPTS.get(form, {}), **opts}
+    if form == 'identity':
+        return IdentityH(d, groups)
+    if form == 'diag':
+        return DiagH(torch.rand(groups, d, generator=gen) + 0.1)
+    if form == 'lowrank' and n_rows is None and d > 256:
+        k = min(o['rank'], d)
+        U, _ = torch.linalg.qr(torch.randn(groups, d, k, generator=gen))
+        s = torch.sort(torch.rand(groups, k, generator=gen) * d, descending=True).values
+        r = torch.rand(groups, d, generator=gen) + 0.1
+        return LowRankH(U, s, r)
+    if form == 'block' and n_rows is None and d > 256:
+        b = min(o['block_size'], d)
+        nb = math.ceil(d / b)
+        A = torch.randn(groups, nb, b, b, generator=gen)
+        blocks = A @ A.transpose(-1, -2) / b + 0.1 * torch.eye(b)
+        return BlockH(blocks, d)
+    n = n_rows or max(2 * d, 64)
+    st = InputStats(d, groups, form, generator=gen, **opts)
+    st.update(random_correlated_rows(n, d, groups, generator=gen))
+    return st.finalize()
