@@ -1,0 +1,416 @@
+"""Tests of the pure-torch quantization core (mpq_det.quant)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpq_det.quant import (DEFAULT_FORM, FORMS, ExactH, InputStats, allocate,
+                           budget_used, check_bits, check_budget, check_max_points,
+                           check_weight, conv_patches, greedy_multipoint,
+                           greedy_step, hform_from_dense, linear_rows, mse_clip,
+                           multipoint_quantize, ocs, ocs_fold, ocs_split,
+                           pack_codes, packed_nbytes, qmax, random_correlated_rows,
+                           random_hform, round_to_grid, rtn, select_points,
+                           unpack_codes)
+from mpq_det.quant.multipoint import QuantizedWeight
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    # tiny tensors: one thread avoids barrier stalls on a busy 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def layer(C=48, d=72, seed=0, form='exact', groups=1):
+    g = gen(seed)
+    W = torch.randn(C, d, generator=g) * (torch.rand(C, 1, generator=g) + 0.1)
+    W[0, 3] = 4 * W.abs().max()             # an outlier
+    H = random_hform(d, groups, form, generator=g, n_rows=4 * d)
+    return W, H
+
+
+# ------------------------------------------------------------------ grid & checks
+def test_qmax_and_round():
+    assert [qmax(b) for b in range(2, 9)] == [1, 3, 7, 15, 31, 63, 127]
+    r = torch.tensor([[0.0, 0.49, 0.51, -3.0, 10.0]])
+    codes = round_to_grid(r, torch.tensor([1.0]), 3)
+    assert codes.dtype == torch.int8
+    assert codes.tolist() == [[0, 0, 1, -3, 3]]
+    assert round_to_grid(r, torch.tensor([0.0]), 3).abs().sum() == 0
+
+
+@pytest.mark.parametrize('bad', [1, 9, 0, -4, 2.5, True, '4', None])
+def test_bad_bits(bad):
+    with pytest.raises(ValueError, match=r'bits.*2\.\.8'):
+        check_bits(bad)
+    with pytest.raises(ValueError, match=r'bits.*2\.\.8'):
+        rtn(torch.randn(4, 5), bad)
+    with pytest.raises(ValueError, match=r'bits.*2\.\.8'):
+        greedy_multipoint(torch.randn(4, 5), None, bad)
+    with pytest.raises(ValueError, match=r'bits.*2\.\.8'):
+        pack_codes(torch.zeros(3, dtype=torch.int8), bad)
+
+
+@pytest.mark.parametrize('bad', [-0.01, float('nan'), float('inf'), 'x', None])
+def test_bad_budget(bad):
+    with pytest.raises(ValueError, match=r'budget.*>= 0'):
+        check_budget(bad)
+    W, H = layer()
+    with pytest.raises(ValueError, match=r'budget.*>= 0'):
+        multipoint_quantize([W], [H], 4, bad)
+    ps = greedy_multipoint(W, H, 4, 2)
+    with pytest.raises(ValueError, match=r'budget.*>= 0'):
+        allocate([ps], budget=bad)
+
+
+@pytest.mark.parametrize('bad', [0, -1, 1.5, None])
+def test_bad_max_points(bad):
+    with pytest.raises(ValueError, match=r'max_points.*>= 1'):
+        check_max_points(bad)
+    with pytest.raises(ValueError, match=r'max_points.*>= 1'):
+        greedy_multipoint(torch.randn(4, 5), None, 4, bad)
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf'), -float('inf')])
+def test_non_finite_weights(value):
+    W = torch.randn(4, 6)
+    W[1, 2] = value
+    for fn in (lambda: rtn(W, 4), lambda: mse_clip(W, 4),
+               lambda: greedy_multipoint(W, None, 4),
+               lambda: ocs_split(W, 0.1), lambda: check_weight(W)):
+        with pytest.raises(ValueError, match=r'W|weight.*NaN or Inf'):
+            fn()
+
+
+def test_empty_and_mismatched():
+    with pytest.raises(ValueError, match='non-empty'):
+        rtn(torch.zeros(0, 5), 4)
+    with pytest.raises(ValueError, match=r'W must have 2 dimensions'):
+        rtn(torch.zeros(5), 4)
+    with pytest.raises(ValueError, match='floating-point'):
+        rtn(torch.zeros(3, 5, dtype=torch.int64), 4)
+    W, H = layer(d=72)
+    with pytest.raises(ValueError, match=r'H is for d=72'):
+        greedy_multipoint(W[:, :70], H, 4)
+    with pytest.raises(ValueError, match='groups'):
+        greedy_multipoint(torch.randn(5, 72), random_hform(72, 2, 'diag'), 4)
+    with pytest.raises(ValueError, match='hforms'):
+        multipoint_quantize([W, W], [H], 4, 0.05)
+    ps = greedy_multipoint(W, H, 4, 2)
+    with pytest.raises(ValueError, match='npoints'):
+        select_points(ps, torch.ones(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match='sum\\(npoints\\)'):
+        QuantizedWeight(torch.zeros(3, 4, dtype=torch.int8), torch.ones(3),
+                        torch.tensor([1, 1]), 4)
+    with pytest.raises(ValueError, match='form'):
+        InputStats(8, 1, 'fancy')
+    with pytest.raises(ValueError, match='mode'):
+        allocate([ps], budget=0.1, mode='everywhere')
+    with pytest.raises(ValueError, match='rows must be'):
+        InputStats(8, 1, 'diag').update(torch.randn(1, 5, 7))
+
+
+# ------------------------------------------------------------------------- stats
+@pytest.mark.parametrize('k,s,p,dil,groups', [(3, 1, 1, 1, 1), (3, 2, 1, 1, 2),
+                                              (1, 1, 0, 1, 1), (3, 1, 2, 2, 4),
+                                              (3, 1, 1, 1, 8)])
+def test_conv_patches_give_output_error(k, s, p, dil, groups):
+    """quad(D) of the exact H equals the mean squared conv output of D."""
+    g = gen(1)
+    x = torch.randn(2, 8, 9, 7, generator=g)
+    C_out = 16
+    Wd = torch.randn(C_out, 8 // groups, k, k, generator=g)
+    rows = conv_patches(x, k, s, p, dil, groups, max_rows=10 ** 6)
+    assert rows.shape[0] == groups
+    st = InputStats(rows.shape[2], groups, 'exact')
+    st.update(rows)
+    H = st.finalize()
+    y = F.conv2d(x, Wd, None, s, p, dil, groups)
+    expect = (y ** 2).mean((0, 2, 3))
+    got = H.quad(Wd.reshape(C_out, -1))
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_subsampling_deterministic_and_bounded():
+    x = torch.randn(2, 4, 16, 16, generator=gen(2))
+    a = conv_patches(x, 3, 1, 1, 1, 1, max_rows=50, generator=gen(5))
+    b = conv_patches(x, 3, 1, 1, 1, 1, max_rows=50, generator=gen(5))
+    assert a.shape == (1, 50, 36) and torch.equal(a, b)
+    r = linear_rows(torch.randn(3, 10, 6), max_rows=7)
+    assert r.shape == (1, 7, 6)
+
+
+def test_forms_match_exact():
+    g = gen(3)
+    rows = random_correlated_rows(600, 40, groups=2, generator=g)
+    full = InputStats(40, 2, 'exact')
+    full.update(rows)
+    Hx = full.finalize()
+    D = torch.randn(6, 40, generator=g)
+    for form, opts in [('diag', {}), ('block', {'block_size': 16}),
+                       ('lowrank', {'rank': 40})]:
+        st = InputStats(40, 2, form, **opts)
+        st.update(rows[:, :300])
+        st.update(rows[:, 300:])
+        Hf = st.finalize()
+        Hd = hform_from_dense(Hx.dense(), form, **opts)
+        torch.testing.assert_close(Hf.quad(D), Hd.quad(D), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(Hf.matvec(D), Hd.matvec(D), rtol=1e-4, atol=1e-4)
+        if form == 'lowrank':   # full rank: exact
+            torch.testing.assert_close(Hf.quad(D), Hx.quad(D), rtol=1e-3, atol=1e-3)
+    dg = hform_from_dense(Hx.dense(), 'diag')
+    torch.testing.assert_close(dg.dense(), torch.diag_embed(Hx.dense().diagonal(
+        dim1=1, dim2=2)))
+    # per-row group index path equals the grouped path
+    for form in FORMS:
+        Hf = hform_from_dense(Hx.dense(), form, rank=8, block_size=16)
+        gidx = torch.arange(6) // 3
+        torch.testing.assert_close(Hf.quad(D, gidx), Hf.quad(D), rtol=1e-5,
+                                   atol=1e-5)
+    assert DEFAULT_FORM in FORMS
+
+
+# -------------------------------------------------------------------- multipoint
+@pytest.mark.parametrize('form', ['exact', 'lowrank', 'diag', 'block', 'identity'])
+@pytest.mark.parametrize('bits', [2, 4])
+def test_error_never_increases(form, bits):
+    W, H = layer(form=form, groups=2)
+    ps = greedy_multipoint(W, H, bits, max_points=4)
+    assert bool((ps.err[:, 1:] <= ps.err[:, :-1]).all())
+    assert bool((ps.err[:, 4] < ps.err[:, 0]).all())
+    # the recorded error is the H-metric error of the dequantized points
+    for k in range(1, 5):
+        qw = select_points(ps, torch.full((W.shape[0],), k))
+        torch.testing.assert_close(H.quad(W - qw.dequantize()), ps.err[:, k],
+                                   rtol=1e-3, atol=1e-6 * float(ps.err[:, 0].max()))
+
+
+@pytest.mark.parametrize('bits', [2, 3, 4, 8])
+def test_minmax_weight_step_bound(bits):
+    W, _ = layer(seed=4)
+    Q = qmax(bits)
+    ps = greedy_multipoint(W, None, bits, 4, n_candidates=1, refit=False)
+    R = W.clone()
+    for k in range(4):
+        before = R.abs().amax(1)
+        R = R - ps.scales[:, k:k + 1] * ps.codes[:, k].float()
+        assert bool((R.abs().amax(1) <= before / (2 * Q) * (1 + 1e-5) + 1e-12).all())
+
+
+@pytest.mark.parametrize('form', ['exact', 'identity', DEFAULT_FORM])
+def test_step_never_worse_than_minmax(form):
+    W, H = layer(seed=5, form=form)
+    R = W.clone()
+    for k in range(3):
+        mm = greedy_step(R, H, 3, torch.ones(1), refit=False)[3]
+        s, q, Rn, e = greedy_step(R, H, 3, torch.linspace(1, 0.25, 16))
+        assert bool((e <= mm * (1 + 1e-5) + 1e-9).all())
+        R = Rn
+
+
+@pytest.mark.parametrize('bits', [2, 3, 4])
+def test_one_point_beats_rtn(bits):
+    W, H = layer(seed=6)
+    ps = greedy_multipoint(W, H, bits, 1)
+    s, q = rtn(W, bits)
+    e_rtn = H.quad(W - s[:, None] * q.float())
+    assert bool((ps.err[:, 1] <= e_rtn * (1 + 1e-5) + 1e-9).all())
+    assert float(ps.err[:, 1].sum()) < float(e_rtn.sum())
+
+
+@pytest.mark.parametrize('bits', [2, 3, 4, 6, 8])
+def test_grid_weights_reproduced_exactly(bits):
+    g = gen(7)
+    Q = qmax(bits)
+    C, d = 20, 50
+    q = torch.randint(-Q, Q + 1, (C, d), generator=g)
+    q[torch.arange(C), torch.randint(0, d, (C,), generator=g)] = Q * (
+        1 - 2 * torch.randint(0, 2, (C,), generator=g))
+    a = torch.rand(C, generator=g) * 2 + 0.01
+    W = a[:, None] * q.float()
+    _, H = layer(d=d, seed=7)
+    for HH in (H, None):
+        ps = greedy_multipoint(W, HH, bits, 2)
+        qw = select_points(ps, torch.ones(C, dtype=torch.int64))
+        torch.testing.assert_close(qw.dequantize(), W, rtol=1e-6, atol=1e-6)
+        assert torch.equal(qw.codes.abs(), q.abs().to(torch.int8))
+    s, c = rtn(W, bits)
+    torch.testing.assert_close(s[:, None] * c.float(), W, rtol=1e-6, atol=1e-6)
+
+
+def test_deterministic_and_zero_rows():
+    W, H = layer(seed=8)
+    W[5] = 0
+    a = greedy_multipoint(W, H, 3, 3)
+    b = greedy_multipoint(W, H, 3, 3)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+    assert float(a.err[5].abs().max()) == 0 and int(a.codes[5].abs().sum()) == 0
+
+
+# -------------------------------------------------------------------- allocation
+def layers(n=4, seed=9, form='exact', same_d=False):
+    out = []
+    g = gen(seed)
+    shapes = [(32, 64), (48, 27), (16, 144), (64, 32), (24, 90)][:n]
+    for i, (C, d) in enumerate(shapes):
+        d = 64 if same_d else d
+        W = torch.randn(C, d, generator=g) * (torch.rand(C, 1, generator=g) ** 2 + 0.05)
+        W = W * (3.0 ** i)       # layers with very different scales
+        out.append((W, random_hform(d, 1, form, generator=g, n_rows=4 * d)))
+    return out
+
+
+def _remaining_positive(ps, n, P):
+    nxt = n < P
+    gain = ps.err.gather(1, n[:, None].clamp(max=P - 1))[:, 0] - \
+        ps.err.gather(1, (n[:, None] + 1).clamp(max=P))[:, 0]
+    return nxt & (gain > 0)
+
+
+@pytest.mark.parametrize('budget', [0.0, 0.03, 0.1, 0.5, 3.0])
+@pytest.mark.parametrize('by', ['output', 'weight', 'random'])
+def test_budget_global(budget, by):
+    L = layers()
+    pss = [greedy_multipoint(W, H, 3, 4) for W, H in L]
+    sizes = [ps.d for ps in pss]
+    n = allocate(pss, sizes, budget, 'global', by, 4)
+    used, total = budget_used(n, sizes)
+    allowed = math.floor(budget * total + 1e-9)
+    assert used <= allowed
+    assert all(bool(((x >= 1) & (x <= 4)).all()) for x in n)
+    # used up: no layer has a remaining point with a positive gain that still fits
+    left = allowed - used
+    for ps, x, d in zip(pss, n, sizes):
+        if bool(_remaining_positive(ps, x, 4).any()):
+            assert d > left
+
+
+@pytest.mark.parametrize('budget', [0.0, 0.05, 0.25, 1.0, 5.0])
+def test_budget_layer(budget):
+    L = layers()
+    pss = [greedy_multipoint(W, H, 3, 4) for W, H in L]
+    n = allocate(pss, None, budget, 'layer', 'output', 4)
+    for ps, x in zip(pss, n):
+        m = math.floor(budget * ps.channels + 1e-9)
+        extra = int(x.sum()) - ps.channels
+        assert extra <= m
+        if extra < m:    # only when no positive-gain point is left
+            assert not bool(_remaining_positive(ps, x, 4).any())
+    # the layer rule gives points to the channels with the largest drop
+    ps, x = pss[0], n[0]
+    if budget == 0.05:
+        drop = ps.err[:, 1] - ps.err[:, 2]
+        got = set(torch.nonzero(x > 1).reshape(-1).tolist())
+        assert got == set(torch.topk(drop, len(got)).indices.tolist())
+
+
+def test_output_allocation_beats_random():
+    L = layers(n=5, seed=10, same_d=True)
+    pss = [greedy_multipoint(W, H, 2, 4) for W, H in L]
+
+    def rel_err(n):
+        return sum(float(ps.err.gather(1, x[:, None]).sum() / ps.err[:, 0].sum())
+                   for ps, x in zip(pss, n))
+
+    n_out = allocate(pss, None, 0.1, 'global', 'output', 4)
+    e_out = rel_err(n_out)
+    for seed in range(5):
+        n_rnd = allocate(pss, None, 0.1, 'global', 'random', 4, seed=seed)
+        assert sum(int(x.sum()) for x in n_rnd) == sum(int(x.sum()) for x in n_out)
+        assert e_out < rel_err(n_rnd)
+    assert e_out < rel_err([torch.ones_like(x) for x in n_out])
+
+
+@pytest.mark.parametrize('mode', ['global', 'layer'])
+@pytest.mark.parametrize('by', ['output', 'random'])
+def test_lazy_equals_full(mode, by):
+    L = layers(seed=11)
+    Ws, Hs = [w for w, _ in L], [h for _, h in L]
+    for budget in (0.05, 0.3):
+        a, pa = multipoint_quantize(Ws, Hs, 3, budget, mode, 4, by, lazy=True)
+        b, _ = multipoint_quantize(Ws, Hs, 3, budget, mode, 4, by, lazy=False)
+        for x, y in zip(a, b):
+            assert torch.equal(x.npoints, y.npoints)
+            assert torch.equal(x.codes, y.codes)
+            # points computed for a subset of rows may differ in the last ulp
+            torch.testing.assert_close(x.scales, y.scales, rtol=1e-5, atol=0)
+    assert sum(int(p.computed.sum()) for p in pa) < sum(4 * p.channels for p in pa)
+
+
+def test_multipoint_quantize_budget_zero_single_point():
+    L = layers(seed=12)
+    qws, _ = multipoint_quantize([w for w, _ in L], [h for _, h in L], 4, 0.0)
+    assert all(bool((q.npoints == 1).all()) for q in qws)
+
+
+# --------------------------------------------------------------------- baselines
+def test_mse_not_worse_than_rtn_in_weight_space():
+    W, _ = layer(seed=13)
+    for bits in (2, 3, 4):
+        s, q = rtn(W, bits)
+        sm, qm = mse_clip(W, bits)
+        e_r = ((W - s[:, None] * q.float()) ** 2).sum(1)
+        e_m = ((W - sm[:, None] * qm.float()) ** 2).sum(1)
+        assert bool((e_m <= e_r * (1 + 1e-6)).all())
+        assert int(q.abs().max()) <= qmax(bits)
+
+
+@pytest.mark.parametrize('ratio', [0.0, 0.05, 0.1, 0.5])
+def test_ocs_function_preserving(ratio):
+    g = gen(14)
+    W = torch.randn(12, 20, 3, 3, generator=g)
+    W[3, 7, 1, 1] = 9.0
+    Ws, idx = ocs_split(W, ratio)
+    s = math.floor(ratio * 20 + 1e-9)
+    assert Ws.shape == (12, 20 + s, 3, 3) and idx.shape == (20 + s,)
+    x = torch.randn(2, 20, 8, 8, generator=g)
+    torch.testing.assert_close(F.conv2d(x[:, idx], Ws, padding=1),
+                               F.conv2d(x, W, padding=1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ocs_fold(Ws, idx, 20), W)
+    if s:
+        assert float(Ws.abs().max()) < float(W.abs().max())
+    Wl = torch.randn(10, 16, generator=g)
+    Wls, idl = ocs_split(Wl, ratio)
+    xl = torch.randn(5, 16, generator=g)
+    torch.testing.assert_close(F.linear(xl[:, idl], Wls), F.linear(xl, Wl),
+                               rtol=1e-5, atol=1e-5)
+    qw, idx2 = ocs(W, 4, ratio)
+    assert torch.equal(idx, idx2) and qw.d == (20 + s) * 9
+
+
+# ----------------------------------------------------------------------- packing
+@pytest.mark.parametrize('bits', range(2, 9))
+@pytest.mark.parametrize('n', [0, 1, 7, 8, 9, 1000])
+def test_pack_roundtrip(bits, n):
+    Q = qmax(bits)
+    codes = torch.randint(-Q, Q + 1, (n,), generator=gen(bits + n)).to(torch.int8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == packed_nbytes(n, bits) == math.ceil(n / 8) * bits
+    assert torch.equal(unpack_codes(packed, bits, n), codes)
+    if n:
+        with pytest.raises(ValueError, match='bytes'):
+            unpack_codes(packed[:-1], bits, n)
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(ValueError, match=r'-7\.\.7'):
+        pack_codes(torch.tensor([8], dtype=torch.int8), 4)
+
+
+def test_quantized_weight_exact_hform_is_exact_H():
+    # ExactH.quad is d^T H d for a dense H, per group
+    H = torch.randn(2, 5, 5)
+    H = H @ H.transpose(1, 2)
+    D = torch.randn(4, 5)
+    got = ExactH(H).quad(D)
+    exp = torch.stack([D[j] @ H[j // 2] @ D[j] for j in range(4)])
+    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
