@@ -211,9 +211,29 @@ def test_step_never_worse_than_minmax(form):
     R = W.clone()
     for k in range(3):
         mm = greedy_step(R, H, 3, torch.ones(1), refit=False)[3]
+        mm_ls = greedy_step(R, H, 3, torch.ones(1), refit=True)[3]
         s, q, Rn, e = greedy_step(R, H, 3, torch.linspace(1, 0.25, 16))
         assert bool((e <= mm * (1 + 1e-5) + 1e-9).all())
+        assert bool((e <= mm_ls * (1 + 1e-5) + 1e-9).all())
+        assert float(e.sum()) < float(mm.sum())
         R = Rn
+
+
+def test_refit_keeps_error_from_increasing():
+    """H = 11^T + eps I, w with sum 0: every candidate's rounding moves the mean
+    direction, so without the least-squares refit the first point would increase
+    the output error."""
+    eps = 1e-3
+    H = ExactH(torch.ones(5, 5) + eps * torch.eye(5))
+    W = torch.tensor([[1.0, -0.25, -0.25, -0.25, -0.25]])
+    q = round_to_grid(W, W.abs().amax(1) / qmax(2), 2).float()
+    assert float(H.quad(W - q)) > float(H.quad(W))  # the plain min-max step is worse
+    ps = greedy_multipoint(W, H, 2, 3)
+    assert bool((ps.err[:, 1:] <= ps.err[:, :-1]).all())
+    # and the step equals the min-max step refitted by least squares, or better
+    b, c = H.bilinear(W, q), H.quad(q)
+    ls = H.quad(W) - b * b / c
+    assert float(ps.err[0, 1]) <= float(ls) * (1 + 1e-5)
 
 
 @pytest.mark.parametrize('bits', [2, 3, 4])

@@ -1,0 +1,198 @@
+"""Tests of the quantized modules (mpq_det.modules)."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mpq_det.modules import QConv2d, QLinear
+from mpq_det.quant import (greedy_multipoint, ocs, random_hform, rtn_qw,
+                           select_points)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def multipoint_qw(W2d, bits=3, seed=0):
+    """Points with a varied number per channel (1..3)."""
+    C = W2d.shape[0]
+    ps = greedy_multipoint(W2d, None, bits, 3)
+    n = torch.randint(1, 4, (C,), generator=gen(seed))
+    return select_points(ps, n)
+
+
+def rel_diff(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+CONVS = [
+    dict(in_channels=8, out_channels=12, kernel_size=3, padding=1),
+    dict(in_channels=8, out_channels=12, kernel_size=3, stride=2, padding=2,
+         dilation=2, bias=False),
+    dict(in_channels=8, out_channels=12, kernel_size=(3, 1), padding=(1, 0), groups=4),
+    dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8),   # dw
+    dict(in_channels=8, out_channels=16, kernel_size=3, padding=1, groups=8),  # dw x2
+    dict(in_channels=8, out_channels=6, kernel_size=1),
+    dict(in_channels=8, out_channels=6, kernel_size=3, padding=1,
+         padding_mode='reflect'),
+]
+
+
+@pytest.mark.parametrize('cfg', CONVS)
+def test_conv_forwards_agree(cfg):
+    torch.manual_seed(0)
+    m = nn.Conv2d(**cfg)
+    qw = multipoint_qw(m.weight.detach().reshape(m.out_channels, -1))
+    q = QConv2d.from_float(m, qw)
+    x = torch.randn(2, 8, 11, 9, generator=gen(1))
+    with torch.no_grad():
+        y_ref = nn.functional.conv2d(
+            nn.functional.pad(x, (1, 1, 1, 1), mode='reflect')
+            if cfg.get('padding_mode') == 'reflect' else x,
+            qw.dequantize().reshape_as(m.weight), m.bias, m.stride,
+            0 if cfg.get('padding_mode') == 'reflect' else m.padding, m.dilation,
+            m.groups)
+        q.mode = 'dequant'
+        y1 = q(x)
+        q.mode = 'expanded'
+        y2 = q(x)
+    assert y1.shape == y_ref.shape
+    assert rel_diff(y1, y_ref) <= 1e-5
+    assert rel_diff(y2, y1) <= 1e-4
+    assert int(q.npoints.sum()) > m.out_channels     # there are extra points
+    torch.testing.assert_close(q.weight, qw.dequantize().reshape_as(m.weight))
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_linear_forwards_agree(bias):
+    torch.manual_seed(1)
+    m = nn.Linear(20, 7, bias=bias)
+    qw = multipoint_qw(m.weight.detach())
+    q = QLinear.from_float(m, qw)
+    x = torch.randn(3, 5, 20, generator=gen(2))
+    with torch.no_grad():
+        y_ref = nn.functional.linear(x, qw.dequantize(), m.bias)
+        y1 = q(x)
+        q.mode = 'expanded'
+        y2 = q(x)
+    assert rel_diff(y1, y_ref) <= 1e-5
+    assert rel_diff(y2, y1) <= 1e-4
+
+
+def test_mode_validation_and_dtype():
+    m = nn.Linear(6, 4)
+    q = QLinear.from_float(m, rtn_qw(m.weight.detach(), 4))
+    with pytest.raises(ValueError, match='mode'):
+        q.mode = 'fast'
+    x = torch.randn(2, 6, dtype=torch.float64)
+    assert q(x).dtype == torch.float64
+    with pytest.raises(ValueError, match='d='):
+        QLinear.from_float(nn.Linear(5, 4), q.quantized_weight())
+
+
+def test_ocs_module_function():
+    torch.manual_seed(2)
+    m = nn.Conv2d(10, 6, 3, padding=1)
+    W = m.weight.detach()
+    qw, idx = ocs(W, 8, 0.2)
+    q = QConv2d.from_float(m, qw, in_index=idx)
+    x = torch.randn(2, 10, 7, 7, generator=gen(3))
+    with torch.no_grad():
+        y = q(x)
+        q.mode = 'expanded'
+        y2 = q(x)
+        y_fp = m(x)
+    assert rel_diff(y2, y) <= 1e-4
+    assert rel_diff(y, y_fp) < 0.05           # 8-bit OCS is close to float
+    lin = nn.Linear(10, 4)
+    qwl, idl = ocs(lin.weight.detach(), 8, 0.3)
+    ql = QLinear.from_float(lin, qwl, in_index=idl)
+    xl = torch.randn(3, 10, generator=gen(4))
+    with torch.no_grad():
+        assert rel_diff(ql(xl), lin(xl)) < 0.05
+    with pytest.raises(ValueError, match='groups'):
+        QConv2d.from_float(nn.Conv2d(4, 4, 3, groups=2),
+                           rtn_qw(torch.randn(4, 2 * 2 * 9), 4),
+                           in_index=torch.tensor([0, 1, 2, 3, 0, 1]))
+
+
+def test_state_dict_and_deepcopy():
+    torch.manual_seed(3)
+    m = nn.Conv2d(8, 12, 3, padding=1)
+    q = QConv2d.from_float(m, multipoint_qw(m.weight.detach().reshape(12, -1), 4, 1))
+    x = torch.randn(1, 8, 6, 6, generator=gen(5))
+    with torch.no_grad():
+        y = q(x)
+    keys = set(q.state_dict())
+    assert {'codes', 'scales', 'npoints', 'bias', 'act_scale'} <= keys
+    assert q.state_dict()['codes'].dtype == torch.int8
+    # a module built with other point counts takes the saved ones
+    other = QConv2d.from_float(m, rtn_qw(m.weight.detach().reshape(12, -1), 4))
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    other.load_state_dict(torch.load(buf))
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), y)
+    c = copy.deepcopy(q)
+    c.mode = 'expanded'
+    with torch.no_grad():
+        assert rel_diff(c(x), y) <= 1e-4
+    assert q.mode == 'dequant'
+
+
+def test_act_quant():
+    torch.manual_seed(4)
+    m = nn.Conv2d(4, 5, 3, padding=1)
+    q = QConv2d.from_float(m, rtn_qw(m.weight.detach().reshape(5, -1), 8), act_bits=8)
+    x = torch.rand(2, 4, 8, 8, generator=gen(6)) * 3
+    with pytest.raises(RuntimeError, match='set_act_range'):
+        q(x)
+    q.set_act_range(0.0, 3.0)
+    with torch.no_grad():
+        y = q(x)
+        q.act_bits = None
+        y_noact = q(x)
+    assert 0 < rel_diff(y, y_noact) < 0.02
+    q.act_bits = 4
+    q.set_act_range(-1.0, 3.0, symmetric=True)
+    with torch.no_grad():
+        y4 = q(x)
+    assert rel_diff(y4, y_noact) > rel_diff(y, y_noact)
+    with pytest.raises(ValueError, match='act_bits'):
+        q.set_act_range(0, 1, act_bits=12)
+    with pytest.raises(ValueError, match='min <= max'):
+        q.set_act_range(2.0, 1.0)
+
+
+def test_output_space_points_reduce_output_error():
+    """End to end: QConv2d from output-space points is closer to the float conv
+    on the calibration distribution than RTN."""
+    torch.manual_seed(5)
+    from mpq_det.quant import InputStats, conv_patches
+    m = nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.relu(torch.randn(4, 16, 12, 12, generator=gen(7)) +
+                   torch.randn(1, 16, 1, 1, generator=gen(8)))
+    st = InputStats(16 * 9, 1, 'exact')
+    st.update(conv_patches(x, 3, 1, 1, 1, 1, max_rows=10 ** 5))
+    H = st.finalize()
+    W = m.weight.detach().reshape(16, -1)
+    q_mp = QConv2d.from_float(m, select_points(greedy_multipoint(W, H, 3, 1),
+                                               torch.ones(16, dtype=torch.int64)))
+    q_rtn = QConv2d.from_float(m, rtn_qw(W, 3))
+    with torch.no_grad():
+        y = m(x)
+        e_mp = float(((q_mp(x) - y) ** 2).mean())
+        e_rtn = float(((q_rtn(x) - y) ** 2).mean())
+    assert e_mp < e_rtn
+    assert random_hform(9, 1, 'diag').d == 9
