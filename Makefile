@@ -1,0 +1,32 @@
+# The README's two commands are `make demo` and `make test`; both set up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYTHONHASHSEED := 0
+DETECTORS := retinanet_r18q fcos_r18q faster_rcnn_r18q ssdlite_mbv2q
+DEMO ?= retinanet_r18q
+
+.PHONY: setup data demo test test-all checkpoints bench
+setup:
+	@MPQ_VENV=$(VENV) bash tools/setup_env.sh
+
+data: setup
+	$(PY) tools/make_synth_data.py --out data/synth
+
+# Trained checkpoints are committed; a missing one is trained (about 10 min on 2 cores).
+data/checkpoints/%.pth:
+	$(PY) tools/train.py configs/detectors/$*_synth_voc.py --work-dir work_dirs/train_$*
+	$(PY) tools/publish_checkpoint.py work_dirs/train_$*/epoch_12.pth $@
+
+checkpoints: data $(DETECTORS:%=data/checkpoints/%.pth)
+
+demo: data data/checkpoints/$(DEMO).pth
+	$(PY) tools/eval_matrix.py --detectors $(DEMO) --runs fp mpq_w4 mpq_w3
+
+test: setup
+	$(PY) -m pytest -q tests -m "not slow"
+
+test-all: setup
+	$(PY) -m pytest -q tests
+
+bench: data
+	$(PY) tools/bench_quant.py

@@ -1,0 +1,5 @@
+# Baseline mse at W3 (budget 5%: OCS splits that many input channels; rtn/mse ignore it). Other settings from the command line:
+#   --cfg-options custom_hooks.0.bits=3          (W3)
+#   --cfg-options custom_hooks.0.method=rtn      (baselines: rtn | mse | ocs)
+_base_ = ['../detectors/ssdlite_mbv2q_synth_voc.py']
+custom_hooks = [dict(type='MultipointQuantHook', bits=3, method='mse', budget=0.05)]

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny synthetic dataset and configs that point at it."""
+from __future__ import annotations
+
+import os.path as osp
+
+import pytest
+import torch
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: longer tests, excluded from `make test`')
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory) -> str:
+    from mpq_det.datasets.synth import SynthSpec, make_synth_dataset
+    out = str(tmp_path_factory.mktemp('synth'))
+    make_synth_dataset(out, SynthSpec(num_train=16, num_test=8, min_size=96, max_size=128,
+                                      min_obj=10, max_obj=60, seed=3), log=lambda *a: None)
+    return out
+
+
+def tiny_cfg(config: str, data: str, work_dir: str, img_scale=(128, 128)):
+    """A repo config pointed at the tiny dataset, with small images and no workers."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(ROOT, config))
+    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        dl = cfg[key]
+        dl.num_workers = 0
+        dl.persistent_workers = False
+        dl.batch_size = 2
+        ds = dl.dataset
+        if ds.type == 'VOCDataset':
+            ds.data_root = osp.join(data, 'VOCdevkit') + '/'
+        else:
+            ds.data_root = data + '/'
+        for t in ds.pipeline:
+            if t.type == 'Resize':
+                t.scale = img_scale
+    for key in ('val_evaluator', 'test_evaluator'):
+        if cfg[key].get('ann_file'):
+            cfg[key].ann_file = osp.join(data, 'annotations', 'instances_val.json')
+    cfg.work_dir = work_dir
+    cfg.default_hooks.visualization = dict(type='DetVisualizationHook')
+    cfg.default_hooks.logger.interval = 1
+    return cfg

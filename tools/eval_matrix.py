@@ -1,0 +1,83 @@
+"""Run tools/test.py over detectors x settings x {VOC, COCO} and print one table.
+
+The main demo is ``tools/eval_matrix.py --detectors retinanet_r18q --runs fp mpq_w4 mpq_w3``.
+Every figure in the table is read back from the run's own outputs
+(``metrics.json`` written by tools/test.py, ``mpq_report.json`` written by the hook).
+"""
+import argparse
+import json
+import os.path as osp
+import subprocess
+import sys
+
+RUNS = ('fp', 'mpq_w4', 'mpq_w3', 'mpq_w2', 'rtn_w3', 'mse_w3', 'ocs_w3')
+DETECTORS = ('retinanet_r18q', 'fcos_r18q', 'faster_rcnn_r18q', 'ssdlite_mbv2q')
+
+
+def config_of(det: str, run: str, ds: str) -> str:
+    if run == 'fp':
+        return f'configs/detectors/{det}_synth_{ds}.py'
+    return f'configs/mpq/{det}_synth_{ds}_{run}.py'
+
+
+def run_one(det: str, run: str, ds: str, work_root: str, extra: list) -> dict:
+    wd = osp.join(work_root, det, f'{run}_{ds}')
+    cmd = [sys.executable, 'tools/test.py', config_of(det, run, ds),
+           f'data/checkpoints/{det}.pth', '--work-dir', wd] + extra
+    print('$', ' '.join(cmd), flush=True)
+    log = osp.join(work_root, f'{det}_{run}_{ds}.log')
+    with open(log, 'w') as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f'{" ".join(cmd)} failed (exit {rc}); see {log}')
+    out = json.load(open(osp.join(wd, 'metrics.json')))
+    rep = osp.join(wd, 'mpq_report.json')
+    if run != 'fp' and osp.exists(rep):
+        out['summary'] = json.load(open(rep))['summary']
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument('--detectors', nargs='+', default=['retinanet_r18q'], choices=DETECTORS)
+    p.add_argument('--runs', nargs='+', default=['fp', 'mpq_w4', 'mpq_w3'], choices=RUNS)
+    p.add_argument('--datasets', nargs='+', default=['voc', 'coco'], choices=['voc', 'coco'])
+    p.add_argument('--work-dir', default='work_dirs/eval_matrix')
+    p.add_argument('--out', help='also write the table as markdown here')
+    p.add_argument('--cfg-options', nargs='+', default=[], help='passed to every quantized run')
+    a = p.parse_args()
+    rows = []
+    for det in a.detectors:
+        for run in a.runs:
+            res = {ds: run_one(det, run, ds, a.work_dir,
+                               ['--cfg-options', *a.cfg_options] if a.cfg_options and run != 'fp'
+                               else []) for ds in a.datasets}
+            s = next((r['summary'] for r in res.values() if 'summary' in r), None)
+            rows.append(dict(
+                detector=det, run=run,
+                voc=res.get('voc', {}).get('pascal_voc/mAP'),
+                coco=res.get('coco', {}).get('coco/bbox_mAP'),
+                coco50=res.get('coco', {}).get('coco/bbox_mAP_50'),
+                bpw=None if s is None else s['bits_per_weight'],
+                mem=None if s is None else s['memory_overhead'],
+                qtime=None if s is None else s['quant_time_s'],
+                ctime=None if s is None else s['calib_and_quant_time_s']))
+    f = lambda v, fmt: '-' if v is None else format(v, fmt)  # noqa: E731
+    lines = ['| detector | run | VOC mAP@0.5 (x100) | COCO mAP (x100) | COCO mAP50 (x100) | '
+             'bits/weight | mem overhead | quant s | calib+quant s |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        lines.append(
+            f"| {r['detector']} | {r['run']} | {f(r['voc'] and 100 * r['voc'], '.2f')} | "
+            f"{f(r['coco'] and 100 * r['coco'], '.2f')} | {f(r['coco50'] and 100 * r['coco50'], '.2f')} | "
+            f"{f(r['bpw'], '.3f')} | {f(r['mem'], '.2%')} | {f(r['qtime'], '.2f')} | "
+            f"{f(r['ctime'], '.2f')} |")
+    table = '\n'.join(lines)
+    print(table)
+    if a.out:
+        with open(a.out, 'w') as fh:
+            fh.write(table + '\n')
+
+
+if __name__ == '__main__':
+    main()
