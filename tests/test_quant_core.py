@@ -434,3 +434,41 @@ def test_quantized_weight_exact_hform_is_exact_H():
     got = ExactH(H).quad(D)
     exp = torch.stack([D[j] @ H[j // 2] @ D[j] for j in range(4)])
     torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+
+
+def test_lowrank_sketch_for_large_d():
+    """Above dense_max_d, lowrank streams a Nystrom sketch: exact for H of rank
+    <= rank, and close to the dense low-rank form otherwise."""
+    g = gen(15)
+    d = 96
+    Z = torch.randn(1, 500, 6, generator=g) @ torch.randn(1, 6, d, generator=g)
+    st = InputStats(d, 1, 'lowrank', rank=8, dense_max_d=32)
+    assert st.acc.shape == (1, d, 32)               # d x (2k+16), not d x d
+    st.update(Z[:, :200])
+    st.update(Z[:, 200:])
+    full = InputStats(d, 1, 'exact')
+    full.update(Z)
+    D = torch.randn(10, d, generator=g)
+    Hs, Hx = st.finalize(), full.finalize()
+    torch.testing.assert_close(Hs.quad(D), Hx.quad(D), rtol=1e-3, atol=1e-3)
+    X = random_correlated_rows(800, d, generator=g)
+    st = InputStats(d, 1, 'lowrank', rank=16, dense_max_d=32)
+    st.update(X)
+    dense = InputStats(d, 1, 'lowrank', rank=16)
+    dense.update(X)
+    full = InputStats(d, 1, 'exact')
+    full.update(X)
+    ex = full.finalize().quad(D)
+    err_sketch = float(((st.finalize().quad(D) - ex).abs() / ex).max())
+    err_dense = float(((dense.finalize().quad(D) - ex).abs() / ex).max())
+    assert err_sketch < max(3 * err_dense, 0.05)
+
+
+def test_num_threads_restored():
+    L = layers(n=2, seed=16)
+    torch.set_num_threads(1)
+    multipoint_quantize([w for w, _ in L], [h for _, h in L], 4, 0.1, num_threads=1)
+    assert torch.get_num_threads() == 1
+    with pytest.raises(ValueError, match='num_threads'):
+        multipoint_quantize([w for w, _ in L], [h for _, h in L], 4, 0.1,
+                            num_threads=0)

@@ -149,7 +149,8 @@ def bench_errors(layers, bits_list=(2, 3, 4), budgets=(0.0, 0.05, 0.1),
 
 
 FORM_VARIANTS = [('exact', {}), ('lowrank', {'rank': 8}), ('lowrank', {'rank': 32}),
-                 ('lowrank', {'rank': 64}), ('block', {'block_size': 32}),
+                 ('lowrank', {'rank': 64}), ('lowrank', {'rank': 32, 'sketch': 1}),
+                 ('block', {'block_size': 32}),
                  ('block', {'block_size': 64}), ('block', {'block_size': 128}),
                  ('diag', {}), ('identity', {})]
 
@@ -158,7 +159,7 @@ def bench_hforms(layers, bits_list=(2, 3, 4), budget=0.05, variants=FORM_VARIANT
     print(f'\n## H forms (multipoint, budget {budget} global, max_points 4; error '
           'scored with the exact H; time = points + allocation on these layers, '
           'form construction excluded)')
-    print(f'{"form":>18} ' + ' '.join(f'{"rel_out@" + str(b) + "b":>13} {"time_s":>7}'
+    print(f'{"form":>24} ' + ' '.join(f'{"rel_out@" + str(b) + "b":>13} {"time_s":>7}'
                                       for b in bits_list))
     for form, opts in variants:
         hf = _forms(layers, form, **opts)
@@ -171,7 +172,7 @@ def bench_hforms(layers, bits_list=(2, 3, 4), budget=0.05, variants=FORM_VARIANT
             eo, _ = rel_errors(layers, [q.dequantize() for q in qws])
             cells.append(f'{eo:13.4e} {dt:7.3f}')
         label = form + ''.join(f' {k}={v}' for k, v in opts.items())
-        print(f'{label:>18} ' + ' '.join(cells))
+        print(f'{label:>24} ' + ' '.join(cells))
 
 
 # ------------------------------------------------------------------- timing part
@@ -186,8 +187,7 @@ def retinanet_layers():
     cfg = Config.fromfile(path)
     cfg.model.backbone.init_cfg = None          # no pretrained download
     torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
+    model = MODELS.build(cfg.model)      # default torch init: random weights
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear))]
 
@@ -230,6 +230,8 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=None,
                    help='torch intra-op threads (default: torch default)')
     p.add_argument('--form', default=DEFAULT_FORM, help='H form of the time part')
+    p.add_argument('--opt', nargs='*', default=[], metavar='KEY=INT',
+                   help='form options of the time part, e.g. rank=64 block_size=64')
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
@@ -244,7 +246,8 @@ def main(argv=None):
         if 'hforms' in args.parts:
             bench_hforms(layers)
     if 'time' in args.parts:
-        dt = bench_time(args.form)
+        opts = {k: int(v) for k, v in (o.split('=') for o in args.opt)}
+        dt = bench_time(args.form, seed=args.seed, **opts)
         print(f'quantize_time_s={dt:.2f}')
 
 

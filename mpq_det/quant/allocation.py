@@ -28,7 +28,8 @@ import math
 import torch
 from torch import Tensor
 
-from .grid import check_budget, check_choice, check_max_points, check_bits
+from .grid import (check_bits, check_budget, check_choice, check_max_points,
+                   check_positive_int)
 from .multipoint import (DEFAULT_N_CANDIDATES, PointSet, QuantizedWeight,
                          extend_points, greedy_multipoint, select_points)
 from .stats import HForm
@@ -184,7 +185,8 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
                         allocation: str = 'global', max_points: int = 4,
                         by: str = 'output', n_candidates: int = DEFAULT_N_CANDIDATES,
                         refit: bool = True, seed: int = 0, lazy: bool = True,
-                        min_ratio: float | None = None
+                        min_ratio: float | None = None,
+                        num_threads: int | None = 1
                         ) -> tuple[list[QuantizedWeight], list[PointSet]]:
     """Greedy points + allocation for layers sharing one budget.
 
@@ -192,7 +194,29 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
     space). With ``lazy`` only two points per channel are searched first; channels
     the allocation fills up to their computed points get the rest, and the
     allocation is run again: the result equals the non-lazy one.
+
+    ``num_threads``: torch intra-op threads during the pass (restored after);
+    None keeps the current setting. The default 1 is deliberate: the work is many
+    mid-sized memory-bound ops, and on a busy machine (dataloader workers, other
+    jobs) two threads made the RetinaNet pass up to ~45x slower than one
+    (see tools/bench_quant.py).
     """
+    if num_threads is None:
+        return _multipoint_quantize(weights, hforms, bits, budget, allocation,
+                                    max_points, by, n_candidates, refit, seed, lazy,
+                                    min_ratio)
+    old = torch.get_num_threads()
+    torch.set_num_threads(check_positive_int(num_threads, 'num_threads'))
+    try:
+        return _multipoint_quantize(weights, hforms, bits, budget, allocation,
+                                    max_points, by, n_candidates, refit, seed, lazy,
+                                    min_ratio)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _multipoint_quantize(weights, hforms, bits, budget, allocation, max_points, by,
+                         n_candidates, refit, seed, lazy, min_ratio):
     budget = check_budget(budget)
     max_points = check_max_points(max_points)
     check_choice(allocation, 'allocation', MODES)

@@ -18,9 +18,12 @@ Forms (all positive semi-definite, all give ``quad`` and ``matvec``):
                paper's weight-space variant.
 
 Accumulation memory: ``diag`` and ``block`` accumulate only what they keep; ``exact``
-and ``lowrank`` accumulate the full (G, d, d) matrix (the low-rank factorisation is
-taken in ``finalize``, with a seeded randomized subspace iteration, so it needs no
-d^3 eigendecomposition).
+accumulates the full (G, d, d) matrix. ``lowrank`` accumulates the full matrix when
+d <= ``dense_max_d`` (4096; the factorisation is taken in ``finalize`` by a seeded
+randomized subspace iteration, no d^3 eigendecomposition); for larger d (e.g. the
+d = 18432 P6 conv of RetinaNet, whose H alone would take 1.4 GB) it streams a
+seeded Gaussian sketch Y = H Omega (G, d, 2k+16) plus the exact diagonal, and
+finalizes with a stable single-pass Nystrom approximation.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ from .grid import check_choice, check_positive_int, check_weight
 
 FORMS = ('exact', 'diag', 'block', 'lowrank', 'identity')
 DEFAULT_FORM = 'lowrank'
-DEFAULT_FORM_OPTS = {'block': {'block_size': 64}, 'lowrank': {'rank': 32}}
+DEFAULT_FORM_OPTS = {'block': {'block_size': 64},
+                     'lowrank': {'rank': 32, 'dense_max_d': 4096}}
 
 
 def _default_generator(generator):
@@ -371,6 +375,21 @@ def _topk_eig(H: Tensor, k: int, generator=None, n_iter: int = 4,
     return e.clamp_min(0), torch.bmm(Q, V)
 
 
+def _nystrom(Y: Tensor, omega: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k eigenpairs of PSD H from the sketch Y = H omega (G, d, p): single-pass
+    Nystrom H ~ Y (omega^T Y)^+ Y^T, with the pseudo-inverse square root taken on
+    the eigenvalues above 1e-6 of the largest (Y is accumulated in float32)."""
+    Y, omega = Y.double(), omega.double()
+    core = torch.bmm(omega.transpose(1, 2), Y)
+    core = 0.5 * (core + core.transpose(1, 2))
+    lam, V = torch.linalg.eigh(core)
+    keep = lam > 1e-6 * lam.amax(-1, keepdim=True).clamp_min(1e-300)
+    inv_sqrt = torch.where(keep, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
+    B = torch.bmm(Y, V * inv_sqrt[:, None, :])                  # (G, d, p)
+    U, S, _ = torch.linalg.svd(B, full_matrices=False)
+    return (S * S)[:, :k].float(), U[:, :, :k].float()
+
+
 def hform_from_dense(H: Tensor, form: str = DEFAULT_FORM, generator=None,
                      **opts) -> HForm:
     """Build a form from dense H: (d, d) or (G, d, d)."""
@@ -397,7 +416,13 @@ def hform_from_dense(H: Tensor, form: str = DEFAULT_FORM, generator=None,
         return BlockH(blocks.permute(1, 0, 2, 3).contiguous(), d)
     if form == 'lowrank':
         k = min(check_positive_int(o['rank'], 'rank'), d)
-        e, U = _topk_eig(H, k, generator)
+        if o.get('sketch', False):      # what InputStats does above dense_max_d
+            p = min(d, 2 * k + 16)
+            sg = torch.Generator().manual_seed(int(o.get('sketch_seed', 0)))
+            omega = torch.randn(G, d, p, generator=sg)
+            e, U = _nystrom(torch.bmm(H, omega), omega, k)
+        else:
+            e, U = _topk_eig(H, k, generator)
         r = (H.diagonal(dim1=1, dim2=2) - (U * U * e[:, None, :]).sum(-1)).clamp_min(0)
         return LowRankH(U, e, r)
     raise AssertionError(form)
@@ -433,6 +458,14 @@ class InputStats:
             self.acc = torch.zeros(G, self.nb, b, b, dtype=torch.float64)
         elif form == 'identity':
             self.acc = None
+        elif form == 'lowrank' and d > int(self.opts.get('dense_max_d', 4096)):
+            k = min(int(self.opts['rank']), d)
+            p = min(d, 2 * k + 16)
+            gen = torch.Generator().manual_seed(int(self.opts.get('sketch_seed', 0)))
+            self.omega = torch.randn(G, d, p, generator=gen)
+            self.acc = torch.zeros(G, d, p, dtype=torch.float32)
+            self.diag = torch.zeros(G, d, dtype=torch.float64)
+            self.sketch = True
         else:
             self.acc = torch.zeros(G, d, d, dtype=torch.float32)
 
@@ -452,6 +485,9 @@ class InputStats:
             X = F.pad(rows, (0, nb * b - self.d)).reshape(self.groups, -1, nb, b)
             X = X.permute(0, 2, 1, 3)                                 # G nb N b
             self.acc += torch.matmul(X.transpose(-1, -2), X).double()
+        elif getattr(self, 'sketch', False):
+            self.acc += torch.bmm(rows.transpose(1, 2), torch.bmm(rows, self.omega))
+            self.diag += (rows.double() ** 2).sum(1)
         elif self.form != 'identity':
             self.acc += torch.bmm(rows.transpose(1, 2), rows)
 
@@ -466,6 +502,12 @@ class InputStats:
             return DiagH(acc)
         if self.form == 'block':
             return BlockH(acc, self.d)
+        if getattr(self, 'sketch', False):
+            k = min(int(self.opts['rank']), self.d)
+            e, U = _nystrom(acc, self.omega, k)
+            h = (self.diag / self.n).float()
+            r = (h - (U * U * e[:, None, :]).sum(-1)).clamp_min(0)
+            return LowRankH(U, e, r)
         return hform_from_dense(acc, self.form, generator=self.generator, **self.opts)
 
 
