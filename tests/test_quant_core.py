@@ -197,7 +197,8 @@ def test_error_never_increases(form, bits):
 def test_minmax_weight_step_bound(bits):
     W, _ = layer(seed=4)
     Q = qmax(bits)
-    ps = greedy_multipoint(W, None, bits, 4, n_candidates=1, refit=False)
+    ps = greedy_multipoint(W, None, bits, 4, n_candidates=1, refit=False,
+                           n_refine=0, lloyd=0)
     R = W.clone()
     for k in range(4):
         before = R.abs().amax(1)

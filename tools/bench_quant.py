@@ -193,7 +193,7 @@ def retinanet_layers():
 
 
 def bench_time(form=DEFAULT_FORM, bits=4, budget=0.05, max_points=4, seed=0,
-               **form_opts):
+               num_threads=1, **form_opts):
     mods = retinanet_layers()
     Ws, Hs = [], []
     g = torch.Generator().manual_seed(seed)
@@ -209,14 +209,15 @@ def bench_time(form=DEFAULT_FORM, bits=4, budget=0.05, max_points=4, seed=0,
         rtn_qw(W, bits)
     t_rtn = time.perf_counter() - t0
     t0 = time.perf_counter()
-    qws, pss = multipoint_quantize(Ws, Hs, bits, budget, 'global', max_points)
+    qws, pss = multipoint_quantize(Ws, Hs, bits, budget, 'global', max_points,
+                                   num_threads=num_threads)
     dt = time.perf_counter() - t0
     extra = sum(q.extra_points() * q.d for q in qws)
     computed = sum(int(p.computed.sum()) for p in pss)
     print(f'\n## Quantization time: retinanet_r50_fpn_1x_coco, {len(Ws)} layers, '
           f'{nparams / 1e6:.2f}M weights, bits={bits}, budget={budget} global, '
           f'max_points={max_points}, form={form} {form_opts or ""}, '
-          f'threads={torch.get_num_threads()}')
+          f'threads={num_threads or torch.get_num_threads()}')
     print(f'rtn pass: {t_rtn:.2f} s; multipoint: {dt:.2f} s; points searched '
           f'{computed} for {sum(p.channels for p in pss)} channels; extra storage '
           f'{extra / nparams:.4f} of the weights')
@@ -230,6 +231,9 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=None,
                    help='torch intra-op threads (default: torch default)')
     p.add_argument('--form', default=DEFAULT_FORM, help='H form of the time part')
+    p.add_argument('--pass-threads', type=int, default=1,
+                   help='num_threads of multipoint_quantize in the time part '
+                        '(library default 1; 0 = leave torch\'s setting)')
     p.add_argument('--opt', nargs='*', default=[], metavar='KEY=INT',
                    help='form options of the time part, e.g. rank=64 block_size=64')
     p.add_argument('--seed', type=int, default=0)
@@ -247,7 +251,8 @@ def main(argv=None):
             bench_hforms(layers)
     if 'time' in args.parts:
         opts = {k: int(v) for k, v in (o.split('=') for o in args.opt)}
-        dt = bench_time(args.form, seed=args.seed, **opts)
+        dt = bench_time(args.form, seed=args.seed,
+                        num_threads=args.pass_threads or None, **opts)
         print(f'quantize_time_s={dt:.2f}')
 
 

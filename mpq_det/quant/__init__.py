@@ -3,7 +3,8 @@ from .allocation import allocate, budget_used, multipoint_quantize
 from .baselines import (mse_clip, mse_qw, ocs, ocs_fold, ocs_split, rtn, rtn_qw)
 from .grid import (check_bits, check_budget, check_max_points, check_weight, qmax,
                    round_to_grid)
-from .multipoint import (DEFAULT_N_CANDIDATES, PointSet, QuantizedWeight,
+from .multipoint import (DEFAULT_LLOYD, DEFAULT_N_CANDIDATES, DEFAULT_N_REFINE,
+                         PointSet, QuantizedWeight,
                          default_ratios, extend_points, from_single,
                          greedy_multipoint, greedy_step, residual, select_points)
 from .packing import pack_codes, packed_nbytes, unpack_codes
@@ -16,7 +17,7 @@ __all__ = [
     'allocate', 'budget_used', 'multipoint_quantize', 'mse_clip', 'mse_qw', 'ocs',
     'ocs_fold', 'ocs_split', 'rtn', 'rtn_qw', 'check_bits', 'check_budget',
     'check_max_points', 'check_weight', 'qmax', 'round_to_grid',
-    'DEFAULT_N_CANDIDATES', 'PointSet', 'QuantizedWeight', 'default_ratios',
+    'DEFAULT_N_CANDIDATES', 'DEFAULT_N_REFINE', 'DEFAULT_LLOYD', 'PointSet', 'QuantizedWeight', 'default_ratios',
     'extend_points', 'from_single', 'greedy_multipoint', 'greedy_step', 'residual',
     'select_points', 'pack_codes', 'packed_nbytes', 'unpack_codes', 'DEFAULT_FORM',
     'DEFAULT_FORM_OPTS', 'FORMS', 'BlockH', 'DiagH', 'ExactH', 'HForm', 'IdentityH',

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from .grid import (check_bits, check_budget, check_choice, check_max_points,
                    check_positive_int)
-from .multipoint import (DEFAULT_N_CANDIDATES, PointSet, QuantizedWeight,
+from .multipoint import (DEFAULT_LLOYD, DEFAULT_N_CANDIDATES, DEFAULT_N_REFINE,
+                         PointSet, QuantizedWeight,
                          extend_points, greedy_multipoint, select_points)
 from .stats import HForm
 
@@ -186,7 +187,8 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
                         by: str = 'output', n_candidates: int = DEFAULT_N_CANDIDATES,
                         refit: bool = True, seed: int = 0, lazy: bool = True,
                         min_ratio: float | None = None,
-                        num_threads: int | None = 1
+                        num_threads: int | None = 1,
+                        n_refine: int = DEFAULT_N_REFINE, lloyd: int = DEFAULT_LLOYD
                         ) -> tuple[list[QuantizedWeight], list[PointSet]]:
     """Greedy points + allocation for layers sharing one budget.
 
@@ -204,19 +206,20 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
     if num_threads is None:
         return _multipoint_quantize(weights, hforms, bits, budget, allocation,
                                     max_points, by, n_candidates, refit, seed, lazy,
-                                    min_ratio)
+                                    min_ratio, n_refine, lloyd)
     old = torch.get_num_threads()
     torch.set_num_threads(check_positive_int(num_threads, 'num_threads'))
     try:
         return _multipoint_quantize(weights, hforms, bits, budget, allocation,
                                     max_points, by, n_candidates, refit, seed, lazy,
-                                    min_ratio)
+                                    min_ratio, n_refine, lloyd)
     finally:
         torch.set_num_threads(old)
 
 
 def _multipoint_quantize(weights, hforms, bits, budget, allocation, max_points, by,
-                         n_candidates, refit, seed, lazy, min_ratio):
+                         n_candidates, refit, seed, lazy, min_ratio, n_refine,
+                         lloyd):
     budget = check_budget(budget)
     max_points = check_max_points(max_points)
     check_choice(allocation, 'allocation', MODES)
@@ -231,7 +234,7 @@ def _multipoint_quantize(weights, hforms, bits, budget, allocation, max_points, 
     mixed = len(set(bl)) > 1
     first = 1 if (budget == 0 or lazy) else max_points
     pss = [greedy_multipoint(W, H, b, max_points, n_candidates, refit, first,
-                             min_ratio)
+                             min_ratio, n_refine, lloyd)
            for W, H, b in zip(weights, hforms, bl)]
     bits_arg = bl if mixed else None
     if budget == 0 or max_points == 1:

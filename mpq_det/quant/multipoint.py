@@ -32,6 +32,8 @@ from .grid import (check_bits, check_max_points, check_positive_int, check_weigh
 from .stats import HForm, IdentityH
 
 DEFAULT_N_CANDIDATES = 16
+DEFAULT_N_REFINE = 8     # fine candidates around the best coarse ratio
+DEFAULT_LLOYD = 1        # re-rounding passes with the refitted scale
 # Smallest candidate ratio rho (scale relative to the min-max scale) per bit width.
 DEFAULT_MIN_RATIO = {2: 0.15, 3: 0.25}
 DEFAULT_MIN_RATIO_HIGH = 0.35
@@ -177,8 +179,18 @@ def _check_layer(W: Tensor, H: HForm | None) -> HForm:
 
 
 def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = True,
-                err_prev: Tensor | None = None, gidx: Tensor | None = None):
+                err_prev: Tensor | None = None, gidx: Tensor | None = None,
+                n_refine: int = 0, lloyd: int = 0):
     """One greedy step for all rows of R (C, d).
+
+    Candidates, in order (a later one replaces the best only if strictly better,
+    so the min-max scale ``ratios[0] = 1`` wins ties):
+    1. a = ratios[i] * max|r| / Q for every i (the coarse grid);
+    2. ``n_refine`` ratios evenly spaced within one coarse step on both sides of
+       each channel's best coarse ratio;
+    3. ``lloyd`` times: the best scale found so far (after its refit) used as a
+       rounding scale, i.e. q = round(r / a*), then refit again.
+    Each candidate's a is refitted by least squares when that lowers the error.
 
     Returns (scale (C,), codes (C, d) float, new residual, new error (C,)).
     """
@@ -190,34 +202,47 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
     if err_prev is None:
         err_prev = rHr
     best_err = torch.full((C,), float('inf'))
-    best_a = torch.zeros(C)
-    best_i = torch.zeros(C, dtype=torch.int64)
+    best_a = torch.zeros(C)         # fitted scale (signed)
+    best_r = torch.zeros(C)         # rounding scale that produced q
     nz = m > 0
     q = torch.empty_like(R)
-    for i, rho in enumerate(ratios.tolist()):
-        a = m * (rho / Q)
-        inv = torch.where(nz, 1.0 / torch.where(nz, a, torch.ones_like(a)),
-                          torch.zeros_like(a))
+    ones = torch.ones_like(m)
+
+    def evaluate(a):
+        nonlocal best_err, best_a, best_r
+        ok_a = nz & (a > 0)
+        inv = torch.where(ok_a, 1.0 / torch.where(ok_a, a, ones), torch.zeros_like(a))
         torch.mul(R, inv[:, None], out=q)
         q.round_().clamp_(-Q, Q)
         b = torch.linalg.vecdot(q, HR)
         c = H.quad(q, gidx)
+        fit = a
         err = rHr - 2 * a * b + a * a * c
         if refit:
             ok = c > 0
-            c_safe = torch.where(ok, c, torch.ones_like(c))
-            a_ls = b / c_safe
+            a_ls = b / torch.where(ok, c, ones)
             err_ls = rHr - b * a_ls
             use = ok & (err_ls < err)
-            a = torch.where(use, a_ls, a)
+            fit = torch.where(use, a_ls, a)
             err = torch.where(use, err_ls, err)
-        better = err < best_err
+        better = (err < best_err) & ok_a
         best_err = torch.where(better, err, best_err)
-        best_a = torch.where(better, a, best_a)
-        best_i = torch.where(better, torch.full_like(best_i, i), best_i)
-    a_cand = m * (ratios[best_i] / Q)
-    inv = torch.where(nz, 1.0 / torch.where(nz, a_cand, torch.ones_like(a_cand)),
-                      torch.zeros_like(a_cand))
+        best_a = torch.where(better, fit, best_a)
+        best_r = torch.where(better, a, best_r)
+
+    rl = ratios.tolist()
+    for rho in rl:
+        evaluate(m * (rho / Q))
+    if n_refine > 0 and len(rl) > 1:
+        step = abs(rl[0] - rl[1])
+        base = best_r.clone()
+        offs = torch.linspace(-step, step, n_refine + 2)[1:-1].tolist()
+        for off in offs:
+            evaluate(base + m * (off / Q))
+    for _ in range(lloyd):
+        evaluate(best_a.abs())
+    ok_r = nz & (best_r > 0)
+    inv = torch.where(ok_r, 1.0 / torch.where(ok_r, best_r, ones), torch.zeros_like(m))
     q = torch.round(R * inv[:, None]).clamp_(-Q, Q)
     sign = torch.where(best_a < 0, -1.0, 1.0)
     q = q * sign[:, None]
@@ -236,13 +261,19 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
 def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
                       max_points: int = 4, n_candidates: int = DEFAULT_N_CANDIDATES,
                       refit: bool = True, n_points: int | None = None,
-                      min_ratio: float | None = None) -> PointSet:
+                      min_ratio: float | None = None,
+                      n_refine: int = DEFAULT_N_REFINE,
+                      lloyd: int = DEFAULT_LLOYD) -> PointSet:
     """Greedy points for every channel of W (C, d) in the metric of H.
 
     ``H`` None means the weight-space metric (H = I). ``n_points`` (default
     ``max_points``) points are computed now for every channel; the rest can be added
-    later with ``extend_points``.
+    later with ``extend_points``. Search: ``n_candidates`` coarse ratios from 1 (the
+    min-max scale) down to ``min_ratio``, ``n_refine`` fine ones around the best and
+    ``lloyd`` re-rounding passes (see ``greedy_step``).
     """
+    n_refine = check_positive_int(n_refine, 'n_refine', 0)
+    lloyd = check_positive_int(lloyd, 'lloyd', 0)
     bits = check_bits(bits)
     P = check_max_points(max_points)
     n_points = P if n_points is None else check_positive_int(n_points, 'n_points')
@@ -255,12 +286,14 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
                   err=torch.full((C, P + 1), float('nan')),
                   werr=torch.full((C, P + 1), float('nan')),
                   computed=torch.zeros(C, dtype=torch.int64), bits=bits,
-                  search=dict(ratios=ratios, refit=bool(refit)))
+                  search=dict(ratios=ratios, refit=bool(refit), n_refine=n_refine,
+                              lloyd=lloyd))
     ps.err[:, 0] = H.quad(W)
     ps.werr[:, 0] = torch.linalg.vecdot(W, W)
     R = W
     for k in range(n_points):
-        scale, q, R, e = greedy_step(R, H, bits, ratios, refit, ps.err[:, k])
+        scale, q, R, e = greedy_step(R, H, bits, ratios, refit, ps.err[:, k],
+                                     n_refine=n_refine, lloyd=lloyd)
         ps.scales[:, k] = scale
         ps.codes[:, k] = q.to(torch.int8)
         ps.err[:, k + 1] = e
@@ -302,7 +335,9 @@ def extend_points(ps: PointSet, W: Tensor, H: HForm | None, channels: Tensor,
         ch = channels[sel]
         g = None if gidx_all is None else gidx_all[sel]
         scale, q, Rn, e = greedy_step(R[sel], H, ps.bits, ratios, refit,
-                                      ps.err[ch, k], gidx=g)
+                                      ps.err[ch, k], gidx=g,
+                                      n_refine=ps.search.get('n_refine', 0),
+                                      lloyd=ps.search.get('lloyd', 0))
         R[sel] = Rn
         ps.scales[ch, k] = scale
         ps.codes[ch, k] = q.to(torch.int8)
