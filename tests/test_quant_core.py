@@ -175,6 +175,11 @@ def test_forms_match_exact():
         gidx = torch.arange(6) // 3
         torch.testing.assert_close(Hf.quad(D, gidx), Hf.quad(D), rtol=1e-5,
                                    atol=1e-5)
+        torch.testing.assert_close(Hf.matvec(D, gidx), Hf.matvec(D), rtol=1e-5,
+                                   atol=1e-4)
+        perm = torch.tensor([4, 0, 5, 1])     # a subset of rows, out of order
+        torch.testing.assert_close(Hf.quad(D[perm], gidx[perm]), Hf.quad(D)[perm],
+                                   rtol=1e-5, atol=1e-5)
     assert DEFAULT_FORM in FORMS
 
 

@@ -134,6 +134,7 @@ def linear_rows(x: Tensor, max_rows: int = 4096, generator=None) -> Tensor:
 
 
 # --------------------------------------------------------------------------- forms
+_GATHER_MAX = 2 ** 25   # floats gathered at most for per-row group matrices
 class HForm:
     """An approximation of H for one layer, aware of conv groups.
 
@@ -255,6 +256,14 @@ class ExactH(HForm):
     def _sub(self, g):
         return ExactH(self.H[g:g + 1])
 
+    def _matvec_rows(self, D, gidx):
+        if D.shape[0] * self.d * self.d > _GATHER_MAX:
+            return super()._matvec_rows(D, gidx)
+        return torch.bmm(D[:, None, :], self.H[gidx])[:, 0]
+
+    def _quad_rows(self, D, gidx):
+        return torch.linalg.vecdot(self._matvec_rows(D, gidx), D)
+
     def dense(self):
         return self.H.clone()
 
@@ -323,6 +332,17 @@ class BlockH(HForm):
     def _sub(self, g):
         return BlockH(self.blocks[g:g + 1], self.d)
 
+    def _matvec_rows(self, D, gidx):
+        n = D.shape[0]
+        if n * self.nb * self.block_size ** 2 > _GATHER_MAX:
+            return super()._matvec_rows(D, gidx)
+        X = self._pad(D[None])[0].reshape(n, self.nb, 1, self.block_size)
+        Y = torch.matmul(X, self.blocks[gidx])          # n nb 1 b
+        return Y.reshape(n, -1)[:, :self.d]
+
+    def _quad_rows(self, D, gidx):
+        return torch.linalg.vecdot(self._matvec_rows(D, gidx), D)
+
     def _tensors(self):
         return [self.blocks]
 
@@ -350,6 +370,19 @@ class LowRankH(HForm):
 
     def _sub(self, g):
         return LowRankH(self.U[g:g + 1], self.s[g:g + 1], self.r[g:g + 1])
+
+    def _quad_rows(self, D, gidx):
+        if D.shape[0] * self.d * self.Us.shape[2] > _GATHER_MAX:
+            return super()._quad_rows(D, gidx)
+        P = torch.bmm(D[:, None, :], self.Us[gidx])[:, 0]
+        return torch.linalg.vecdot(P, P) + torch.linalg.vecdot(D * self.r[gidx], D)
+
+    def _matvec_rows(self, D, gidx):
+        if D.shape[0] * self.d * self.Us.shape[2] > _GATHER_MAX:
+            return super()._matvec_rows(D, gidx)
+        Us = self.Us[gidx]
+        P = torch.bmm(D[:, None, :], Us)
+        return torch.bmm(P, Us.transpose(1, 2))[:, 0] + D * self.r[gidx]
 
     def _tensors(self):
         return [self.U, self.s, self.r]
