@@ -3,6 +3,8 @@ from . import compat
 
 compat.apply_all()
 
-from .datasets import NamedVOCMetric  # noqa: E402,F401  (registers the metric)
+from .datasets import NamedVOCMetric  # noqa: E402  (registers the metric)
+from .hook import MultipointQuantHook  # noqa: E402  (registers the hook)
 
 __version__ = '0.1.0'
+__all__ = ['MultipointQuantHook', 'NamedVOCMetric']

@@ -1,0 +1,235 @@
+"""MultipointQuantHook: quantize an mmdet detector right after its checkpoint loads."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import os.path as osp
+import time
+from typing import Any, Sequence
+
+import torch
+from mmengine.dist import broadcast_object_list, get_rank, get_world_size, is_main_process
+from mmengine.hooks import Hook
+from mmengine.logging import MMLogger
+from mmengine.model import is_model_wrapper
+from mmengine.runner.loops import BaseLoop
+from mmdet.registry import HOOKS
+
+from .calibration import SPLITS, build_calib_loader, run_calibration
+from .model_pass import (QuantResult, QuantSettings, StatsCollector, plan_layers,
+                         quantize_model, summarize)
+from .qstate import apply_quantized_state, quantized_state
+from .quant import DEFAULT_FORM, FORMS
+from .report import format_report
+
+COMPONENTS = ('backbone', 'neck', 'head')
+SETTING_KEYS = ('bits', 'method', 'budget', 'allocation', 'max_points')
+CALIB_DEFAULTS = dict(split='train', num_images=32, batch_size=4, seed=0)
+
+
+def component_of(name: str) -> str | None:
+    """mmdet detectors: backbone, neck, and every ``*head`` child (rpn_head, roi_head ...)."""
+    top = name.split('.', 1)[0]
+    if top in ('backbone', 'neck'):
+        return top
+    if top.endswith('head'):
+        return 'head'
+    return None
+
+
+@HOOKS.register_module()
+class MultipointQuantHook(Hook):
+    """Post-training multipoint quantization of the detector under test.
+
+    Arguments are DESIGN.md's: ``bits``, ``method``, ``budget``, ``allocation``,
+    ``max_points``, ``components``, ``skip``, ``act_bits``, ``calib``, ``export``,
+    ``report``; plus ``h_form`` (the form of the calibration statistic H).
+
+    It quantizes in ``before_test`` (and ``before_val`` of a standalone
+    ``runner.val()``), i.e. after the checkpoint is loaded. Validation during training
+    is left alone (logged): quantizing there would overwrite the weights being trained.
+    Given a checkpoint written by ``export``, it rebuilds the quantized layers in
+    ``after_load_checkpoint`` instead of calibrating again.
+    """
+
+    priority = 'VERY_HIGH'  # before other before_test hooks see the model
+
+    def __init__(self, bits: int = 4, method: str = 'multipoint', budget: float = 0.05,
+                 allocation: str = 'global', max_points: int = 4,
+                 components: dict | None = None, skip: Sequence[str] = (),
+                 act_bits: int | None = None, calib: dict | None = None,
+                 export: str | None = None, report: bool = True,
+                 h_form: str = DEFAULT_FORM, **unknown: Any) -> None:
+        if unknown:
+            raise ValueError(
+                f'MultipointQuantHook got unknown argument(s) {sorted(unknown)}; allowed: '
+                f'bits, method, budget, allocation, max_points, components, skip, '
+                f'act_bits, calib, export, report, h_form')
+        self.base = QuantSettings(bits, method, budget, allocation, max_points)
+        self.components = self._parse_components(components)
+        if isinstance(skip, str) or not all(isinstance(g, str) for g in skip):
+            raise ValueError(f'skip={skip!r} must be a list of fnmatch globs (strings)')
+        self.skip = list(skip)
+        if act_bits is not None and (not isinstance(act_bits, int) or not 2 <= act_bits <= 8):
+            raise ValueError(f'act_bits={act_bits!r} is not allowed; use None or an int in 2..8')
+        self.act_bits = act_bits
+        self.calib = self._parse_calib(calib)
+        if h_form not in FORMS:
+            raise ValueError(f'h_form={h_form!r} is not allowed; choose one of {tuple(FORMS)}')
+        self.h_form = h_form
+        if export is not None and not isinstance(export, str):
+            raise ValueError(f'export={export!r} must be a file path or None')
+        self.export = export
+        self.report = bool(report)
+        self.loaded_export: dict | None = None   # meta['mpq'] of a reloaded export
+        self.result: QuantResult | None = None
+        self._done = False
+
+    # ---- argument parsing ---------------------------------------------------------
+    def _parse_components(self, components: dict | None) -> dict[str, QuantSettings | None]:
+        out = {c: self.base for c in COMPONENTS}
+        self.pools = {}
+        self.explicit = set(components or ())
+        if components is None:
+            return out
+        if not isinstance(components, dict):
+            raise ValueError(f'components={components!r} must be a dict with keys among '
+                             f'{COMPONENTS}')
+        for comp, over in components.items():
+            if comp not in COMPONENTS:
+                raise ValueError(f'components: unknown component {comp!r}; allowed: '
+                                 f'{COMPONENTS}')
+            if over is None:
+                out[comp] = None
+                continue
+            if not isinstance(over, dict):
+                raise ValueError(f'components[{comp!r}] must be a dict of overrides or None')
+            bad = set(over) - set(SETTING_KEYS)
+            if bad:
+                raise ValueError(f'components[{comp!r}]: unknown key(s) {sorted(bad)}; '
+                                 f'allowed: {SETTING_KEYS}')
+            merged = {k: getattr(self.base, k) for k in SETTING_KEYS}
+            merged.update(over)
+            out[comp] = QuantSettings(**merged)
+            if 'budget' in over:  # a component with its own budget pools its own
+                self.pools[comp] = comp
+        return out
+
+    @staticmethod
+    def _parse_calib(calib: dict | None) -> dict:
+        out = dict(CALIB_DEFAULTS)
+        if calib is None:
+            return out
+        if not isinstance(calib, dict):
+            raise ValueError(f'calib={calib!r} must be a dict with keys {tuple(CALIB_DEFAULTS)}')
+        bad = set(calib) - set(CALIB_DEFAULTS)
+        if bad:
+            raise ValueError(f'calib: unknown key(s) {sorted(bad)}; allowed: '
+                             f'{tuple(CALIB_DEFAULTS)}')
+        out.update(calib)
+        if out['split'] not in SPLITS:
+            raise ValueError(f"calib.split={out['split']!r} is not allowed; choose one of {SPLITS}")
+        for k in ('num_images', 'batch_size'):
+            if not isinstance(out[k], int) or out[k] <= 0:
+                raise ValueError(f'calib.{k}={out[k]!r} is not allowed; use an int >= 1')
+        return out
+
+    def settings(self) -> dict:
+        """Everything that decides the quantized weights (stored in exports)."""
+        return dict(base={k: getattr(self.base, k) for k in SETTING_KEYS},
+                    components={c: (None if s is None else {k: getattr(s, k)
+                                                            for k in SETTING_KEYS})
+                                for c, s in self.components.items()},
+                    pools=self.pools, skip=self.skip, act_bits=self.act_bits,
+                    calib=self.calib, h_form=self.h_form)
+
+    # ---- mmengine hook points ------------------------------------------------------
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        from .export import is_quantized_checkpoint, prepare_model_for_export
+        if not is_quantized_checkpoint(checkpoint):
+            return
+        logger = MMLogger.get_current_instance()
+        meta = checkpoint['meta']['mpq']
+        stored, mine = meta['settings'], self.settings()
+        if stored != mine:
+            diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+            logger.warning(f'MultipointQuantHook: the checkpoint is a quantized export; its '
+                           f'settings win over the config\'s (they differ in {diff})')
+        prepare_model_for_export(self._model(runner), checkpoint)
+        self.loaded_export = meta
+        self._done = True
+        logger.info(f'MultipointQuantHook: rebuilt {len(meta["layers"])} quantized layers '
+                    f'from the export (no calibration)')
+
+    def before_val(self, runner) -> None:
+        if isinstance(getattr(runner, '_train_loop', None), BaseLoop):
+            MMLogger.get_current_instance().info(
+                'MultipointQuantHook: validation during training is not quantized, so that '
+                'the weights being trained are never altered; quantize with tools/test.py')
+            return
+        self._quantize(runner)
+
+    def before_test(self, runner) -> None:
+        self._quantize(runner)
+
+    # ---- work ----------------------------------------------------------------------
+    @staticmethod
+    def _model(runner) -> torch.nn.Module:
+        return runner.model.module if is_model_wrapper(runner.model) else runner.model
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        present = {component_of(n) for n, _ in model.named_children()} - {None}
+        for comp in self.explicit:
+            if comp not in present:
+                raise ValueError(f'components: the model has no {comp!r} (it has '
+                                 f'{sorted(present)}); remove it or set it to None')
+
+    def _quantize(self, runner) -> None:
+        if self._done:
+            return
+        logger = MMLogger.get_current_instance()
+        model = self._model(runner)
+        self.check_model(model)
+        t0 = time.perf_counter()
+        payload = [None]
+        if is_main_process():
+            loader = build_calib_loader(runner.cfg, **self.calib)
+            plans, skipped, unmatched = plan_layers(model, component_of, self.components,
+                                                    self.skip, self.pools)
+            for g in unmatched:
+                logger.warning(f'MultipointQuantHook: skip glob {g!r} matches no layer')
+            collector = StatsCollector(plans, form=self.h_form, seed=self.calib['seed'])
+            try:
+                logger.info(f'MultipointQuantHook: calibrating {len(plans)} layers on '
+                            f'{len(loader.dataset)} {self.calib["split"]} images')
+                run_calibration(model, loader)
+            finally:
+                collector.remove()
+            result = quantize_model(model, plans, collector.stats, self.act_bits,
+                                    seed=self.calib['seed'])
+            result.skipped = skipped
+            result.summary.update(summarize(result, model, plans))
+            result.summary['calib_and_quant_time_s'] = time.perf_counter() - t0
+            result.summary['settings'] = self.settings()
+            self.result = result
+            payload = [(quantized_state(model), result)]
+        if get_world_size() > 1:
+            # rank 0's weights are sent to every rank, so all ranks are bit-identical
+            broadcast_object_list(payload, src=0)
+            if get_rank() != 0:
+                state, self.result = payload[0]
+                apply_quantized_state(model, state)
+        self._done = True
+        if self.report and is_main_process():
+            text = format_report(self.result)
+            logger.info('\n' + text)
+            os.makedirs(runner.work_dir, exist_ok=True)
+            with open(osp.join(runner.work_dir, 'mpq_report.json'), 'w') as f:
+                json.dump(dict(layers=self.result.layers,
+                               skipped=[vars(s) for s in self.result.skipped],
+                               summary=self.result.summary), f, indent=1)
+        if self.export and is_main_process():
+            from .export import save_quantized_checkpoint
+            save_quantized_checkpoint(model, self.export, source=runner.cfg.get('load_from'),
+                                      settings=self.settings(), report=self.result)

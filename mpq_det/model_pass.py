@@ -1,0 +1,281 @@
+"""The model pass: find layers, collect calibration statistics, quantize, swap modules.
+
+Plain torch on any ``nn.Module`` (no FX tracing, no mmdet import): layers are found by
+name and type, statistics come from forward pre-hooks, and quantized layers replace
+``nn.Conv2d``/``nn.Linear`` in place. mmdet specifics (which child is the backbone,
+how calibration batches are run) are passed in by the hook.
+"""
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .modules import QConv2d, QLinear
+from .qstate import swap_module
+from .quant import (DEFAULT_FORM, InputStats, QuantizedWeight, check_bits, check_budget,
+                    check_max_points, conv_patches, linear_rows, multipoint_quantize,
+                    mse_qw, ocs, rtn_qw)
+
+METHODS = ('multipoint', 'rtn', 'mse', 'ocs')
+ALLOCATIONS = ('global', 'layer')
+# rows of input patches kept per layer per calibration batch; bounds time and memory
+ROWS_PER_BATCH = 1024
+
+
+@dataclass
+class QuantSettings:
+    """Per-component settings (DESIGN.md's hook arguments)."""
+    bits: int = 4
+    method: str = 'multipoint'
+    budget: float = 0.05
+    allocation: str = 'global'
+    max_points: int = 4
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not allowed; choose one of {METHODS}")
+        check_budget(self.budget)
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(
+                f'allocation={self.allocation!r} is not allowed; choose one of {ALLOCATIONS}')
+        check_max_points(self.max_points)
+
+    @property
+    def uses_points(self) -> bool:
+        return self.method in ('multipoint', 'ocs')
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    module: nn.Module
+    component: str
+    settings: QuantSettings
+    pool: str                  # layers with the same pool share one global budget
+
+
+@dataclass
+class LayerStats:
+    stats: InputStats
+    act_min: float = float('inf')
+    act_max: float = float('-inf')
+    out_positions: int = 0     # output positions per image (conv H*W; Linear rows)
+    images: int = 0
+
+
+@dataclass
+class Skipped:
+    name: str
+    component: str | None
+    reason: str
+
+
+@dataclass
+class QuantResult:
+    layers: list[dict] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+def weight_2d(m: nn.Module) -> Tensor:
+    """(C_out, d) view of a Conv2d/Linear weight, rows in the order of conv_patches."""
+    return m.weight.detach().reshape(m.weight.shape[0], -1).float()
+
+
+def plan_layers(model: nn.Module, component_of: Callable[[str], str | None],
+                components: dict[str, QuantSettings | None], skip: Iterable[str] = (),
+                pools: dict[str, str] | None = None) -> tuple[list[LayerPlan], list[Skipped],
+                                                               list[str]]:
+    """Chooses the layers to quantize.
+
+    ``component_of(name)`` maps a module name to its component (or None: not part of
+    any). ``components[c]`` is the settings of component c, or None for floating
+    point. Returns (plans, skipped layers with reasons, skip globs that matched nothing).
+    """
+    pools = pools or {}
+    skip = list(skip)
+    matched = {g: False for g in skip}
+    plans, skipped = [], []
+    for name, m in model.named_modules():
+        comp = component_of(name)
+        if comp is None or not name:
+            continue
+        is_target = type(m) in (nn.Conv2d, nn.Linear)
+        has_weight = isinstance(getattr(m, 'weight', None), nn.Parameter) and not any(
+            True for _ in m.children())
+        if not is_target:
+            if has_weight and m.weight.dim() > 1 and not isinstance(m, (QConv2d, QLinear)):
+                skipped.append(Skipped(name, comp, f'unsupported layer type {type(m).__name__}'))
+            continue
+        hits = [g for g in skip if fnmatch.fnmatchcase(name, g)]
+        for g in hits:
+            matched[g] = True
+        if hits:
+            skipped.append(Skipped(name, comp, f'skip glob {hits[0]!r}'))
+            continue
+        settings = components.get(comp)
+        if settings is None:
+            skipped.append(Skipped(name, comp, f'component {comp!r} is kept in floating point'))
+            continue
+        plans.append(LayerPlan(name, m, comp, settings, pools.get(comp, 'model')))
+    return plans, skipped, [g for g, hit in matched.items() if not hit]
+
+
+class StatsCollector:
+    """Forward pre-hooks that accumulate H, activation ranges and output sizes."""
+
+    def __init__(self, plans: list[LayerPlan], form: str = DEFAULT_FORM,
+                 rows_per_batch: int = ROWS_PER_BATCH, seed: int = 0, **form_opts):
+        self.rows = rows_per_batch
+        self.gen = torch.Generator().manual_seed(seed)
+        self.stats: dict[str, LayerStats] = {}
+        self._handles = []
+        for p in plans:
+            m = p.module
+            groups = getattr(m, 'groups', 1)
+            d = m.weight[0].numel()
+            need_h = p.settings.method in ('multipoint',)
+            st = InputStats(d, groups, form=form if need_h else 'identity', **(
+                form_opts if need_h else {}))
+            self.stats[p.name] = LayerStats(st)
+            self._handles.append(m.register_forward_hook(self._hook(p.name)))
+
+    def _hook(self, name: str):
+        def fn(m: nn.Module, inputs, output) -> None:
+            x = inputs[0].detach().float()
+            ls = self.stats[name]
+            ls.act_min = min(ls.act_min, float(x.min()))
+            ls.act_max = max(ls.act_max, float(x.max()))
+            if isinstance(m, nn.Conv2d):
+                rows = conv_patches(x, m.kernel_size, m.stride, m.padding, m.dilation,
+                                    m.groups, self.rows, self.gen)
+                ls.out_positions += output.shape[-1] * output.shape[-2] * output.shape[0]
+                ls.images += output.shape[0]
+            else:
+                rows = linear_rows(x, self.rows, self.gen)
+                ls.out_positions += x.reshape(-1, x.shape[-1]).shape[0]
+                ls.images += 1
+            ls.stats.update(rows)
+        return fn
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _quantize_one(p: LayerPlan) -> tuple[QuantizedWeight, Tensor | None]:
+    """rtn / mse / ocs: one layer on its own. Returns (weight, OCS input index)."""
+    s, m = p.settings, p.module
+    W = weight_2d(m)
+    if s.method == 'rtn':
+        return rtn_qw(W, s.bits), None
+    if s.method == 'mse':
+        return mse_qw(W, s.bits), None
+    if getattr(m, 'groups', 1) != 1:
+        # splitting an input channel of a grouped conv would change its group sizes
+        return rtn_qw(W, s.bits), None
+    # OCS splits input channels, so it works on the (C_out, C_in, *k) weight.
+    qw, in_index = ocs(m.weight.detach().float(), s.bits, s.budget)
+    return qw, in_index
+
+
+def quantize_model(model: nn.Module, plans: list[LayerPlan],
+                   stats: dict[str, LayerStats] | None, act_bits: int | None = None,
+                   seed: int = 0) -> QuantResult:
+    """Quantizes the planned layers in place and returns the per-layer report rows."""
+    t0 = time.perf_counter()
+    res = QuantResult()
+    qws: dict[str, tuple[QuantizedWeight, Tensor | None]] = {}
+    errs: dict[str, tuple[float, float, float]] = {}
+    # multipoint layers are quantized together per budget pool (global) or alone (layer)
+    groups: dict[tuple, list[LayerPlan]] = {}
+    for p in plans:
+        if p.settings.method == 'multipoint':
+            key = (p.pool, p.settings.allocation, p.settings.budget, p.settings.max_points) \
+                if p.settings.allocation == 'global' else ('layer', p.name)
+            groups.setdefault(key, []).append(p)
+        else:
+            qws[p.name] = _quantize_one(p)
+    for key, members in groups.items():
+        s = members[0].settings
+        Ws = [weight_2d(p.module) for p in members]
+        Hs = [stats[p.name].stats.finalize() for p in members]
+        out, pss = multipoint_quantize(Ws, Hs, [p.settings.bits for p in members], s.budget,
+                                       s.allocation, s.max_points, seed=seed)
+        for p, qw, ps in zip(members, out, pss):
+            qws[p.name] = (qw, None)
+            e0 = ps.err[:, 0].sum().clamp_min(1e-30)
+            final = ps.err.gather(1, qw.npoints[:, None]).sum()
+            errs[p.name] = (float(e0), float(ps.err[:, 1].sum() / e0), float(final / e0))
+    for p in plans:
+        qw, in_index = qws[p.name]
+        m = p.module
+        cls = QConv2d if isinstance(m, nn.Conv2d) else QLinear
+        q = cls.from_float(m, qw, in_index=in_index)
+        ls = stats.get(p.name) if stats else None
+        if act_bits is not None and ls is not None and ls.act_max >= ls.act_min:
+            q.set_act_range(ls.act_min, ls.act_max, act_bits=act_bits)
+        swap_module(model, p.name, q)
+        res.layers.append(_layer_row(p, qw, in_index, ls, errs.get(p.name)))
+    res.summary['quant_time_s'] = time.perf_counter() - t0
+    return res
+
+
+def _layer_row(p: LayerPlan, qw: QuantizedWeight, in_index: Tensor | None,
+               ls: LayerStats | None, err: tuple[float, float, float] | None) -> dict:
+    m, s = p.module, p.settings
+    C, d = m.weight.shape[0], m.weight[0].numel()
+    rows = int(qw.npoints.sum())
+    d_stored = qw.codes.shape[1]
+    # memory: extra b-bit weights over C*d; compute: extra MACs over C*d MACs/position
+    mem_over = (rows * d_stored - C * d) / (C * d)
+    comp_over = mem_over
+    macs = C * d * ((ls.out_positions / max(ls.images, 1)) if ls else 1)
+    row = dict(name=p.name, component=p.component, type=type(m).__name__,
+               shape=list(m.weight.shape), bits=qw.bits, method=s.method,
+               points_mean=rows / C, points_max=int(qw.npoints.max()),
+               mem_overhead=mem_over, compute_overhead=comp_over,
+               macs_per_image=macs, weights=C * d, stored_weights=rows * d_stored,
+               scales=int(qw.scales.numel()))
+    if err is not None:
+        row.update(rel_err_1pt=err[1], rel_err_final=err[2])
+    else:
+        row.update(rel_err_1pt=None, rel_err_final=None)
+    return row
+
+
+def summarize(res: QuantResult, model: nn.Module, plans: list[LayerPlan]) -> dict:
+    """Bits per weight over every Conv2d/Linear weight of the model (FP layers at 32)."""
+    quantized = {r['name'] for r in res.layers}
+    q_bits = sum(r['bits'] * r['stored_weights'] + 32 * r['scales'] for r in res.layers)
+    q_weights = sum(r['weights'] for r in res.layers)
+    fp_weights = 0
+    for name, m in model.named_modules():
+        if name in quantized or isinstance(m, (QConv2d, QLinear)):
+            continue
+        if type(m) in (nn.Conv2d, nn.Linear) or (
+                isinstance(getattr(m, 'weight', None), nn.Parameter) and m.weight.dim() > 1):
+            fp_weights += m.weight.numel()
+    total = q_weights + fp_weights
+    extra = sum(r['stored_weights'] - r['weights'] for r in res.layers)
+    macs = sum(r['macs_per_image'] for r in res.layers)
+    extra_macs = sum(r['macs_per_image'] * r['compute_overhead'] for r in res.layers)
+    return dict(
+        quantized_layers=len(res.layers), fp_layers=len(res.skipped),
+        quantized_weights=q_weights, fp_weights=fp_weights,
+        bits_per_weight=(q_bits + 32 * fp_weights) / max(total, 1),
+        bits_per_quantized_weight=q_bits / max(q_weights, 1),
+        memory_overhead=extra / max(q_weights, 1),
+        compute_overhead=extra_macs / max(macs, 1),
+    )
+
+
+def settings_dict(s: QuantSettings | None) -> dict | None:
+    return None if s is None else asdict(s)
