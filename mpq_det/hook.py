@@ -144,6 +144,18 @@ class MultipointQuantHook(Hook):
                     pools=self.pools, skip=self.skip, act_bits=self.act_bits,
                     calib=self.calib, h_form=self.h_form)
 
+    @staticmethod
+    def _notes(plans) -> list[str]:
+        notes = set()
+        for p in plans:
+            s = p.settings
+            if s.method in ('rtn', 'mse') and s.budget > 0:
+                notes.add(f'{p.component}: method {s.method} takes no extra points; '
+                          f'budget={s.budget} is ignored')
+            if s.method == 'ocs' and getattr(p.module, 'groups', 1) != 1:
+                notes.add(f'{p.name}: OCS cannot split a grouped conv; quantized with rtn')
+        return sorted(notes)
+
     # ---- mmengine hook points ------------------------------------------------------
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         from .export import is_quantized_checkpoint, prepare_model_for_export
@@ -209,6 +221,7 @@ class MultipointQuantHook(Hook):
             result = quantize_model(model, plans, collector.stats, self.act_bits,
                                     seed=self.calib['seed'])
             result.skipped = skipped
+            result.summary['notes'] = self._notes(plans)
             result.summary.update(summarize(result, model, plans))
             result.summary['calib_and_quant_time_s'] = time.perf_counter() - t0
             result.summary['settings'] = self.settings()

@@ -1,0 +1,158 @@
+"""MultipointQuantHook: arguments, bad input, components/skip, reports, both config styles."""
+import json
+import os
+import os.path as osp
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import mpq_det  # noqa: F401
+from mpq_det import MultipointQuantHook
+from mpq_det.modules import QConv2d
+
+from conftest import ROOT, tiny_cfg
+
+CFG = 'configs/detectors/retinanet_r18q_synth_voc.py'
+
+
+@pytest.fixture(scope='module')
+def runner(tiny_data, tmp_path_factory):
+    from mmengine.runner import Runner
+    cfg = tiny_cfg(CFG, tiny_data, str(tmp_path_factory.mktemp('wd')))
+    return Runner.from_cfg(cfg)
+
+
+def fresh_runner(runner, tmp_path):
+    """The module's runner with a fresh float model and an empty work_dir."""
+    from mmdet.registry import MODELS
+    torch.manual_seed(0)
+    model = MODELS.build(runner.cfg.model)
+    return SimpleNamespace(model=model, cfg=runner.cfg, work_dir=str(tmp_path),
+                           _train_loop=None)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(bitz=4), 'unknown argument'),
+    (dict(bits=1), 'bits'),
+    (dict(bits=9), 'bits'),
+    (dict(method='gptq'), 'method'),
+    (dict(allocation='random'), 'allocation'),
+    (dict(budget=-0.1), 'budget'),
+    (dict(max_points=0), 'max_points'),
+    (dict(components={'body': None}), 'unknown component'),
+    (dict(components={'head': dict(bits=1)}), 'bits'),
+    (dict(components={'head': dict(foo=1)}), 'unknown key'),
+    (dict(calib=dict(num_images=0)), 'num_images'),
+    (dict(calib=dict(split='holdout')), 'split'),
+    (dict(act_bits=16), 'act_bits'),
+    (dict(h_form='full'), 'h_form'),
+])
+def test_bad_arguments_raise_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MultipointQuantHook(**kwargs)
+
+
+def test_bad_input_at_start_of_testing_writes_nothing(runner, tmp_path):
+    export = str(tmp_path / 'q.pth')
+    r = fresh_runner(runner, tmp_path)
+    with pytest.raises(ValueError, match=r'num_images=999 is larger than the train split'):
+        MultipointQuantHook(calib=dict(num_images=999), export=export).before_test(r)
+    cfg = runner.cfg.copy()
+    cfg.pop('val_dataloader')
+    r2 = SimpleNamespace(model=r.model, cfg=cfg, work_dir=str(tmp_path), _train_loop=None)
+    with pytest.raises(ValueError, match=r"split='val'.*no val_dataloader"):
+        MultipointQuantHook(calib=dict(split='val'), export=export).before_test(r2)
+    assert os.listdir(tmp_path) == []
+    assert not any(isinstance(m, QConv2d) for m in r.model.modules())
+
+
+def test_component_the_model_lacks(runner, tmp_path):
+    class NoNeck(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Conv2d(3, 4, 3)
+            self.bbox_head = nn.Conv2d(4, 4, 1)
+    r = SimpleNamespace(model=NoNeck(), cfg=runner.cfg, work_dir=str(tmp_path), _train_loop=None)
+    with pytest.raises(ValueError, match="no 'neck'"):
+        MultipointQuantHook(components={'neck': dict(bits=8)}).before_test(r)
+    assert os.listdir(tmp_path) == []
+
+
+def test_components_skip_report_and_act_bits(runner, tmp_path, caplog):
+    r = fresh_runner(runner, tmp_path)
+    hook = MultipointQuantHook(bits=4, components={'neck': None, 'head': dict(bits=8, budget=0.0)},
+                               skip=['backbone.conv1', '*.retina_reg', 'nothing.*'], act_bits=8,
+                               calib=dict(num_images=4, batch_size=2))
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_instance('mmdet_test_hook')
+    messages = []
+    logger.warning = lambda msg, *a, **k: messages.append(msg)
+    hook.before_test(r)
+    assert any("'nothing.*' matches no layer" in m for m in messages)
+    mods = dict(r.model.named_modules())
+    assert isinstance(mods['backbone.layer1.0.conv1'], QConv2d)
+    assert mods['backbone.layer1.0.conv1'].bits == 4
+    assert isinstance(mods['bbox_head.retina_cls'], QConv2d) and mods['bbox_head.retina_cls'].bits == 8
+    assert type(mods['backbone.conv1']) is nn.Conv2d
+    assert type(mods['bbox_head.retina_reg']) is nn.Conv2d
+    assert type(mods['neck.fpn_convs.0.conv']) is nn.Conv2d
+    assert mods['backbone.layer1.0.conv1'].act_bits == 8
+    rep = json.load(open(osp.join(tmp_path, 'mpq_report.json')))
+    reasons = {s['name']: s['reason'] for s in rep['skipped']}
+    assert 'skip glob' in reasons['backbone.conv1']
+    assert 'floating point' in reasons['neck.fpn_convs.0.conv']
+    s = rep['summary']
+    assert s['fp_weights'] > 0 and 4 < s['bits_per_weight'] < 32
+    assert {'name', 'component', 'shape', 'bits', 'points_mean', 'mem_overhead',
+            'compute_overhead', 'rel_err_1pt', 'rel_err_final'} <= set(rep['layers'][0])
+    # the head pools its own budget (0): one point everywhere there
+    head = [l for l in rep['layers'] if l['component'] == 'head']
+    assert all(l['points_mean'] == 1 for l in head)
+    # quantizing twice is a no-op (before_val then before_test)
+    before = mods['backbone.layer1.0.conv1'].codes.clone()
+    hook.before_test(r)
+    assert torch.equal(before, dict(r.model.named_modules())['backbone.layer1.0.conv1'].codes)
+
+
+def test_budget_is_spent_and_rtn_says_budget_ignored(runner, tmp_path):
+    r = fresh_runner(runner, tmp_path)
+    MultipointQuantHook(bits=3, budget=0.1, calib=dict(num_images=4, batch_size=2)).before_test(r)
+    s = json.load(open(osp.join(tmp_path, 'mpq_report.json')))['summary']
+    assert 0.09 <= s['memory_overhead'] <= 0.1
+    r = fresh_runner(runner, tmp_path)
+    MultipointQuantHook(bits=3, method='rtn', budget=0.1,
+                        calib=dict(num_images=2, batch_size=2)).before_test(r)
+    s = json.load(open(osp.join(tmp_path, 'mpq_report.json')))['summary']
+    assert s['memory_overhead'] == 0
+    assert any('budget' in n and 'ignored' in n for n in s['notes'])
+
+
+def test_validation_during_training_does_not_quantize(runner, tmp_path):
+    from mmengine.runner.loops import EpochBasedTrainLoop
+    r = fresh_runner(runner, tmp_path)
+    r._train_loop = EpochBasedTrainLoop.__new__(EpochBasedTrainLoop)
+    MultipointQuantHook(calib=dict(num_images=2)).before_val(r)
+    assert not any(isinstance(m, QConv2d) for m in r.model.modules())
+
+
+def test_pure_python_config_style(tiny_data, tmp_path):
+    from mmengine.config import Config
+    src = tmp_path / 'cfg_lazy.py'
+    src.write_text(
+        'from mpq_det import MultipointQuantHook\n'
+        'custom_hooks = [dict(type=MultipointQuantHook, bits=3, budget=0.05)]\n')
+    cfg = Config.fromfile(str(src))
+    from mmdet.registry import HOOKS
+    hook = HOOKS.build(cfg.custom_hooks[0])
+    assert isinstance(hook, MultipointQuantHook) and hook.base.bits == 3
+
+
+def test_dict_config_style_and_cfg_options():
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(ROOT, 'configs/mpq/retinanet_r18q_synth_voc_mpq_w4.py'))
+    cfg.merge_from_dict({'custom_hooks.0.bits': 3})
+    from mmdet.registry import HOOKS
+    hook = HOOKS.build(cfg.custom_hooks[0])
+    assert hook.base.bits == 3 and hook.base.method == 'multipoint'
