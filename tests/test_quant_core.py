@@ -86,7 +86,7 @@ def test_non_finite_weights(value):
     for fn in (lambda: rtn(W, 4), lambda: mse_clip(W, 4),
                lambda: greedy_multipoint(W, None, 4),
                lambda: ocs_split(W, 0.1), lambda: check_weight(W)):
-        with pytest.raises(ValueError, match=r'W|weight.*NaN or Inf'):
+        with pytest.raises(ValueError, match=r'(W|weight) must be finite.*NaN or Inf'):
             fn()
 
 

@@ -15,6 +15,8 @@ from torch import Tensor
 
 from .grid import check_bits, qmax
 
+_CHUNK = 1 << 20      # groups of 8 codes per vectorized chunk
+
 
 def packed_nbytes(numel: int, bits: int) -> int:
     return math.ceil(int(numel) / 8) * check_bits(bits)
@@ -37,11 +39,13 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     if bits == 8:
         return u.to(torch.uint8).cpu()
     g = u.reshape(-1, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
-    word = (g << shifts).sum(1)                                  # < 2**56
-    bshift = torch.arange(bits, dtype=torch.int64) * 8
-    out = (word[:, None] >> bshift) & 0xFF
-    return out.to(torch.uint8).reshape(-1).cpu()
+    shifts = torch.arange(8, dtype=torch.int64, device=g.device) * bits
+    bshift = torch.arange(bits, dtype=torch.int64, device=g.device) * 8
+    out = torch.empty(g.shape[0], bits, dtype=torch.uint8)
+    for s in range(0, g.shape[0], _CHUNK):      # bounded int64 temporaries
+        word = (g[s:s + _CHUNK] << shifts).sum(1)                # < 2**56
+        out[s:s + _CHUNK] = ((word[:, None] >> bshift) & 0xFF).to(torch.uint8).cpu()
+    return out.reshape(-1)
 
 
 def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
@@ -61,10 +65,14 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
     if bits == 8:
         u = packed.to(torch.int64)[:numel]
     else:
-        b = packed.to(torch.int64).reshape(-1, bits)
-        word = (b << (torch.arange(bits, dtype=torch.int64) * 8)).sum(1)
+        b = packed.reshape(-1, bits)
+        bshift = torch.arange(bits, dtype=torch.int64) * 8
         shifts = torch.arange(8, dtype=torch.int64) * bits
-        u = ((word[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]
+        u = torch.empty(b.shape[0], 8, dtype=torch.int64)
+        for s in range(0, b.shape[0], _CHUNK):
+            word = (b[s:s + _CHUNK].to(torch.int64) << bshift).sum(1)
+            u[s:s + _CHUNK] = (word[:, None] >> shifts) & ((1 << bits) - 1)
+        u = u.reshape(-1)[:numel]
     if u.numel() and int(u.max()) > 2 * Q:
         raise ValueError(f'packed data holds a field above {2 * Q}: not {bits}-bit '
                          'codes')
