@@ -197,7 +197,10 @@ class QConv2d(_QuantBase):
         if qw.out_channels != self.out_channels or qw.d != d:
             raise ValueError(f'qw has {qw.out_channels} channels of d={qw.d}, the conv '
                              f'needs {self.out_channels} of d={d}')
-        if self.padding_mode != 'zeros' and not isinstance(self.padding, str):
+        if self.padding_mode != 'zeros':
+            if isinstance(self.padding, str):
+                raise ValueError(f'padding={self.padding!r} is only supported with '
+                                 f"padding_mode='zeros', got {self.padding_mode!r}")
             ph, pw = self.padding
             self._rev_pad = (pw, pw, ph, ph)
         self._init_quant(qw, bias, in_index, act_bits, act_symmetric)

@@ -43,6 +43,7 @@ CONVS = [
     dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8),   # dw
     dict(in_channels=8, out_channels=16, kernel_size=3, padding=1, groups=8),  # dw x2
     dict(in_channels=8, out_channels=6, kernel_size=1),
+    dict(in_channels=8, out_channels=6, kernel_size=3, padding='same', dilation=2),
     dict(in_channels=8, out_channels=6, kernel_size=3, padding=1,
          padding_mode='reflect'),
 ]
@@ -56,6 +57,9 @@ def test_conv_forwards_agree(cfg):
     q = QConv2d.from_float(m, qw)
     x = torch.randn(2, 8, 11, 9, generator=gen(1))
     with torch.no_grad():
+        y_fp = nn.functional.conv2d(x, m.weight, m.bias, m.stride, m.padding,
+                                    m.dilation, m.groups) \
+            if cfg.get('padding_mode') != 'reflect' else m(x)
         y_ref = nn.functional.conv2d(
             nn.functional.pad(x, (1, 1, 1, 1), mode='reflect')
             if cfg.get('padding_mode') == 'reflect' else x,
@@ -66,7 +70,8 @@ def test_conv_forwards_agree(cfg):
         y1 = q(x)
         q.mode = 'expanded'
         y2 = q(x)
-    assert y1.shape == y_ref.shape
+    assert y1.shape == y_ref.shape == y_fp.shape
+    assert rel_diff(y1, y_fp) < 0.5        # 3-bit, 1-3 points: near the float conv
     assert rel_diff(y1, y_ref) <= 1e-5
     assert rel_diff(y2, y1) <= 1e-4
     assert int(q.npoints.sum()) > m.out_channels     # there are extra points
