@@ -6,6 +6,7 @@ Every figure in the table is read back from the run's own outputs
 """
 import argparse
 import json
+import os
 import os.path as osp
 import subprocess
 import sys
@@ -20,9 +21,24 @@ def config_of(det: str, run: str, ds: str) -> str:
     return f'configs/mpq/{det}_synth_{ds}_{run}.py'
 
 
+BOTH = """_base_ = ['{base}']
+# The COCO config's images and boxes, scored by COCO mAP and by VOC's 11-point mAP@0.5
+# in one pass (the same numbers as the separate VOCDataset run; see README).
+test_evaluator = [{{{{_base_.test_evaluator}}}},
+                  dict(type='NamedVOCMetric', metric='mAP', eval_mode='11points')]
+"""
+
+
 def run_one(det: str, run: str, ds: str, work_root: str, extra: list) -> dict:
     wd = osp.join(work_root, det, f'{run}_{ds}')
-    cmd = [sys.executable, 'tools/test.py', config_of(det, run, ds),
+    config = config_of(det, run, 'coco' if ds == 'both' else ds)
+    if ds == 'both':
+        os.makedirs(wd, exist_ok=True)
+        config_both = osp.join(wd, 'config_both.py')
+        with open(config_both, 'w') as f:
+            f.write(BOTH.format(base=osp.abspath(config)))
+        config = config_both
+    cmd = [sys.executable, 'tools/test.py', config,
            f'data/checkpoints/{det}.pth', '--work-dir', wd] + extra
     print('$', ' '.join(cmd), flush=True)
     log = osp.join(work_root, f'{det}_{run}_{ds}.log')
@@ -41,7 +57,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--detectors', nargs='+', default=['retinanet_r18q'], choices=DETECTORS)
     p.add_argument('--runs', nargs='+', default=['fp', 'mpq_w4', 'mpq_w3'], choices=RUNS)
-    p.add_argument('--datasets', nargs='+', default=['voc', 'coco'], choices=['voc', 'coco'])
+    p.add_argument('--datasets', nargs='+', default=['both'], choices=['voc', 'coco', 'both'],
+                   help="'both': one run of the COCO config scored by COCO and VOC metrics")
     p.add_argument('--work-dir', default='work_dirs/eval_matrix')
     p.add_argument('--out', help='also write the table as markdown here')
     p.add_argument('--cfg-options', nargs='+', default=[], help='passed to every quantized run')
@@ -55,9 +72,9 @@ def main() -> None:
             s = next((r['summary'] for r in res.values() if 'summary' in r), None)
             rows.append(dict(
                 detector=det, run=run,
-                voc=res.get('voc', {}).get('pascal_voc/mAP'),
-                coco=res.get('coco', {}).get('coco/bbox_mAP'),
-                coco50=res.get('coco', {}).get('coco/bbox_mAP_50'),
+                voc=res.get('voc', res.get('both', {})).get('pascal_voc/mAP'),
+                coco=res.get('coco', res.get('both', {})).get('coco/bbox_mAP'),
+                coco50=res.get('coco', res.get('both', {})).get('coco/bbox_mAP_50'),
                 bpw=None if s is None else s['bits_per_weight'],
                 mem=None if s is None else s['memory_overhead'],
                 qtime=None if s is None else s['quant_time_s'],
