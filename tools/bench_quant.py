@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mpq_det.quant import (DEFAULT_FORM, DEFAULT_FORM_OPTS, ExactH, HForm,  # noqa
+from mpq_det.quant import (DEFAULT_FORM, ExactH, HForm,  # noqa: E402
                            InputStats, conv_patches, hform_from_dense, mse_qw,
                            multipoint_quantize, ocs, ocs_fold, random_hform, rtn_qw)
 

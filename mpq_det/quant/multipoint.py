@@ -110,7 +110,7 @@ class QuantizedWeight:
                              f'{tuple(self.scales.shape)} must have sum(npoints)='
                              f'{rows} rows')
         q = qmax(self.bits)
-        if rows and int(self.codes.abs().max()) > q:
+        if rows and int(self.codes.to(torch.int16).abs().max()) > q:
             raise ValueError(f'codes must lie in -{q}..{q} for bits={self.bits}')
         return self
 

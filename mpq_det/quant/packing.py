@@ -29,7 +29,7 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     if not isinstance(codes, Tensor) or codes.dtype != torch.int8:
         raise ValueError('codes must be an int8 tensor')
     flat = codes.reshape(-1)
-    if flat.numel() and int(flat.abs().max()) > Q:
+    if flat.numel() and int(flat.to(torch.int16).abs().max()) > Q:
         raise ValueError(f'codes must lie in -{Q}..{Q} for bits={bits}')
     u = (flat.to(torch.int64) + Q)
     n = flat.numel()

@@ -75,8 +75,8 @@ def conv_patches(x: Tensor, kernel_size, stride=1, padding=0, dilation=1,
     chosen positions are gathered: memory is N * C_in * kh * kw.
     """
     if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError('x must be a (B, C_in, H, W) tensor, got '
-                         f'{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}')
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f'x must be a (B, C_in, H, W) tensor, got {got}')
     groups = check_positive_int(groups, 'groups')
     B, C, Hh, Ww = x.shape
     if C % groups:
