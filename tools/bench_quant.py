@@ -236,15 +236,25 @@ def main(argv=None):
                         '(library default 1; 0 = leave torch\'s setting)')
     p.add_argument('--opt', nargs='*', default=[], metavar='KEY=INT',
                    help='form options of the time part, e.g. rank=64 block_size=64')
+    p.add_argument('--layers', default=None, metavar='PT',
+                   help='torch.save()d list of (name, weight, H (G, d, d)) triples, '
+                        'e.g. a trained detector\'s layers with their calibration '
+                        'statistics (default: a small synthetic conv net)')
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if 'errors' in args.parts or 'hforms' in args.parts:
-        layers = synthetic_layers(args.seed)
-        print(f'synthetic layers: ' + ', '.join(f'{n} {tuple(W.shape)}'
-                                                 for n, W, _ in layers))
+        if args.layers:
+            layers = [(n, W.float(), H) for n, W, H in
+                      torch.load(args.layers, map_location='cpu', weights_only=False)]
+            src = args.layers
+        else:
+            layers = synthetic_layers(args.seed)
+            src = 'synthetic'
+        print(f'{src} layers: ' + ', '.join(f'{n} {tuple(W.shape)}'
+                                             for n, W, _ in layers))
         if 'errors' in args.parts:
             bench_errors(layers)
         if 'hforms' in args.parts:
