@@ -1,0 +1,806 @@
+"""Quantized checkpoints: writing, checking, reloading and converting them.
+
+Format (``FORMAT_VERSION`` 1), an mmengine-loadable checkpoint dict::
+
+    {'state_dict': every tensor of the quantized model's state_dict that is NOT a
+                   quantized layer's code buffer, as it was (BN, FP layers, the
+                   quantized layers' biases ...),
+     'mpq_layers': {layer name: dict(kind, bits, shape=(rows, d), codes=<packed uint8>,
+                                     scales float32 (rows,), npoints int16 (C_out,),
+                                     in_index int64 | None, act_bits, act_symmetric,
+                                     act_scale, act_zero)},
+     'meta': {'mpq': dict(format_version, settings, source, source_sha256, report,
+                          layers, sizes, versions),
+              'dataset_meta': ... (copied from the source checkpoint, if it had it)},
+     'mpq_requires_hook': RequiresMultipointQuantHook(format_version)}
+
+The last entry is a marker. torch >= 2.6 loads with ``weights_only=True`` and refuses
+any global it does not know, so plain mmdet/mmengine fail on an export with an error
+that names ``mpq_det.export.RequiresMultipointQuantHook``. ``MultipointQuantHook``
+(and our tools) call ``allow_exports()``, which allowlists it. Loading with
+``weights_only=False`` but without the hook fails too: unpickling the marker raises
+``QuantizedCheckpointError`` telling the user to add the hook. Without the marker,
+mmengine's non-strict load would silently leave the quantized layers randomly
+initialised.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import os.path as osp
+import pickle
+import zipfile
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .checkpoint_io import atomic_save
+from .modules import QConv2d, QLinear
+from .qstate import apply_quantized_state, quantized_state, swap_module
+from .quant import pack_codes, packed_nbytes, unpack_codes
+
+FORMAT_VERSION = 1
+MARKER_KEY = 'mpq_requires_hook'
+LAYERS_KEY = 'mpq_layers'
+_QBUF_NAMES = ('codes', 'scales', 'npoints', 'in_index', 'act_scale', 'act_zero')
+_LAYER_KEYS = ('kind', 'bits', 'shape', 'codes', 'scales', 'npoints', 'in_index',
+               'act_bits', 'act_symmetric', 'act_scale', 'act_zero')
+HOOK_HINT = ("add the hook to the config: custom_imports = dict(imports=['mpq_det']) and "
+             "custom_hooks = [dict(type='MultipointQuantHook')] (the settings stored in "
+             "the export are used)")
+
+
+class QuantizedCheckpointError(ValueError):
+    """A file that is not a readable mpq-det quantized export (names file + problem)."""
+
+
+_ALLOWED = False
+
+
+class RequiresMultipointQuantHook:
+    """Marker pickled into every export, see the module docstring."""
+
+    def __new__(cls, format_version: int = FORMAT_VERSION, _check: bool = True):
+        if _check and not _ALLOWED:
+            raise QuantizedCheckpointError(
+                'this checkpoint is an mpq-det quantized export; it loads only with '
+                f'MultipointQuantHook: {HOOK_HINT}')
+        obj = super().__new__(cls)
+        obj.format_version = format_version
+        return obj
+
+    def __reduce__(self):
+        return (type(self), (self.format_version,))
+
+    def __repr__(self) -> str:
+        return f'RequiresMultipointQuantHook(format_version={self.format_version})'
+
+
+def allow_exports() -> None:
+    """Lets exports load (called by MultipointQuantHook.__init__ and our tools)."""
+    global _ALLOWED
+    _ALLOWED = True
+    if hasattr(torch.serialization, 'add_safe_globals'):
+        torch.serialization.add_safe_globals([RequiresMultipointQuantHook])
+
+
+# ---------------------------------------------------------------------------- helpers
+def _unwrap(model: nn.Module) -> nn.Module:
+    from mmengine.model import is_model_wrapper
+    return model.module if is_model_wrapper(model) else model
+
+
+def _log(msg: str) -> None:
+    from mmengine.logging import print_log
+    print_log(msg, logger='current')
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _jsonable(obj: Any) -> Any:
+    """A JSON round trip (tuples become lists, numpy/tensor scalars floats)."""
+    def default(o):
+        if isinstance(o, Tensor) and o.numel() == 1:
+            return o.item()
+        if hasattr(o, 'item'):
+            return o.item()
+        if hasattr(o, '__dict__'):
+            return vars(o)
+        if isinstance(o, (set, frozenset)):
+            return sorted(o)
+        return str(o)
+    return json.loads(json.dumps(obj, default=default))
+
+
+def _report_dict(report: Any) -> dict | None:
+    if report is None:
+        return None
+    if isinstance(report, dict):
+        return _jsonable(report)
+    return _jsonable(dict(layers=list(getattr(report, 'layers', [])),
+                          skipped=[vars(s) if hasattr(s, '__dict__') else s
+                                   for s in getattr(report, 'skipped', [])],
+                          summary=dict(getattr(report, 'summary', {}))))
+
+
+def _float_numel(m: nn.Module) -> int:
+    """Weights of the float layer a QConv2d/QLinear replaced (no OCS extra inputs)."""
+    if isinstance(m, QConv2d):
+        kh, kw = m.kernel_size
+        return m.out_channels * (m.in_channels // m.groups) * kh * kw
+    return m.out_features * m.in_features
+
+
+def _nbytes(t: Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _source_meta(source: str | None) -> tuple[str | None, dict | None]:
+    """(sha256, dataset_meta) of a local source checkpoint; (None, None) if absent."""
+    if not (isinstance(source, str) and osp.isfile(source)):
+        return None, None
+    sha = file_sha256(source)
+    try:
+        ckpt = torch.load(source, map_location='cpu', weights_only=True)
+        meta = ckpt.get('meta', {}) if isinstance(ckpt, dict) else {}
+        dm = meta.get('dataset_meta') if isinstance(meta, dict) else None
+    except Exception as e:  # noqa: BLE001  the sha is what matters; meta is a bonus
+        _log(f'mpq export: could not read dataset_meta from {source}: {e}'.splitlines()[0])
+        dm = None
+    return sha, dm
+
+
+# ---------------------------------------------------------------------------- writing
+def build_export(model: nn.Module, source: str | None = None, settings: dict | None = None,
+                 report: Any = None) -> dict:
+    """The export dict of a quantized model (see the module docstring)."""
+    model = _unwrap(model)
+    qstate = quantized_state(model)
+    if not qstate:
+        raise ValueError('the model has no quantized layers (QConv2d/QLinear): quantize it '
+                         'first (MultipointQuantHook)')
+    drop = {f'{name}.{b}' for name in qstate for b in _QBUF_NAMES}
+    state_dict = OrderedDict()
+    for k, v in model.state_dict().items():
+        if k in drop:
+            continue
+        v = v.detach().cpu()
+        if v.untyped_storage().nbytes() != v.numel() * v.element_size():
+            v = v.clone()  # a view: do not store the whole storage
+        state_dict[k] = v
+    layers, q_bytes, q_codes_bytes, q_meta_bytes, fp_bytes = {}, 0, 0, 0, 0
+    bound_bytes = 0.0
+    modules = dict(model.named_modules())
+    for name, s in qstate.items():
+        codes = s['codes']
+        packed = pack_codes(codes, s['bits'])
+        npoints = s['npoints']
+        np_dtype = torch.int16 if int(npoints.max()) < 2 ** 15 else torch.int32
+        rec = dict(kind=s['kind'], bits=int(s['bits']), shape=[int(x) for x in codes.shape],
+                   codes=packed, scales=s['scales'].float().clone(),
+                   npoints=npoints.to(np_dtype), in_index=s['in_index'],
+                   act_bits=s['act_bits'], act_symmetric=bool(s['act_symmetric']),
+                   act_scale=s['act_scale'].clone(), act_zero=s['act_zero'].clone())
+        layers[name] = rec
+        n_float = _float_numel(modules[name])
+        fp_bytes += 4 * n_float
+        q_codes_bytes += packed.numel()
+        q_meta_bytes += _nbytes(rec['scales']) + _nbytes(rec['npoints']) + _nbytes(
+            rec['in_index'])
+        bound_bytes += s['bits'] / 32 * 4 * n_float
+    q_bytes = q_codes_bytes + q_meta_bytes
+    other_bytes = sum(_nbytes(v) for v in state_dict.values())
+    budgets = _budgets(settings)
+    budget = max(budgets) if budgets else None
+    sizes = dict(
+        quantized_layers_float32_bytes=fp_bytes, quantized_layers_codes_bytes=q_codes_bytes,
+        quantized_layers_scales_points_bytes=q_meta_bytes,
+        quantized_layers_bytes=q_bytes, codes_ratio=q_codes_bytes / max(fp_bytes, 1),
+        ratio=q_bytes / max(fp_bytes, 1),
+        codes_bound_ratio=(None if budget is None else
+                           bound_bytes * (1 + budget) / max(fp_bytes, 1)),
+        other_tensors_bytes=other_bytes,
+        model_float32_bytes=fp_bytes + other_bytes, model_export_tensor_bytes=q_bytes + other_bytes)
+    sha, dataset_meta = _source_meta(source)
+    import mmdet
+    import mmengine
+    meta: dict = dict(mpq=dict(
+        format_version=FORMAT_VERSION,
+        settings=_jsonable(settings) if settings is not None else None,
+        source=source if isinstance(source, str) else None, source_sha256=sha,
+        report=_report_dict(report), layers=list(layers), sizes=sizes,
+        versions=dict(torch=str(torch.__version__), mmdet=str(mmdet.__version__),
+                      mmengine=str(mmengine.__version__))))
+    if dataset_meta is not None:
+        meta['dataset_meta'] = dataset_meta
+    return {'state_dict': state_dict, LAYERS_KEY: layers, 'meta': meta,
+            MARKER_KEY: RequiresMultipointQuantHook(FORMAT_VERSION, _check=False)}
+
+
+def _budgets(settings: dict | None) -> list[float]:
+    if not isinstance(settings, dict):
+        return []
+    out = []
+    base = settings.get('base') or {}
+    if 'budget' in base:
+        out.append(float(base['budget']))
+    for comp in (settings.get('components') or {}).values():
+        if isinstance(comp, dict) and 'budget' in comp:
+            out.append(float(comp['budget']))
+    return out
+
+
+def format_sizes(sizes: dict) -> str:
+    mib = 1 / 2 ** 20
+    s = sizes
+    text = (f'quantized layers: float32 {s["quantized_layers_float32_bytes"] * mib:.3f} MiB -> '
+            f'{s["quantized_layers_bytes"] * mib:.3f} MiB (codes '
+            f'{s["quantized_layers_codes_bytes"] * mib:.3f} MiB + scales/points '
+            f'{s["quantized_layers_scales_points_bytes"] * mib:.3f} MiB), ratio '
+            f'{s["ratio"]:.4f} (codes alone {s["codes_ratio"]:.4f}')
+    if s.get('codes_bound_ratio') is not None:
+        text += f', bound bits/32*(1+budget) = {s["codes_bound_ratio"]:.4f}'
+    text += (f'); whole model: float32 {s["model_float32_bytes"] * mib:.3f} MiB -> '
+             f'{s["model_export_tensor_bytes"] * mib:.3f} MiB, ratio '
+             f'{s["model_export_tensor_bytes"] / max(s["model_float32_bytes"], 1):.4f}')
+    if 'file_bytes' in s:
+        text += f'; file {s["file_bytes"] * mib:.3f} MiB'
+    return text
+
+
+def save_quantized_checkpoint(model: nn.Module, path: str, source: str | None = None,
+                              settings: dict | None = None, report: Any = None) -> dict:
+    """Writes the export of a quantized model atomically; returns its ``meta['mpq']``.
+
+    ``source`` (the float checkpoint quantized) is only read, for its sha256 and
+    dataset_meta; writing onto it is refused.
+    """
+    if isinstance(source, str) and osp.exists(source) and osp.exists(path) and \
+            osp.samefile(source, path):
+        raise ValueError(f'export path {path} is the source checkpoint; refusing to '
+                         f'overwrite it')
+    ckpt = build_export(model, source, settings, report)
+    atomic_save(ckpt, path)
+    sizes = ckpt['meta']['mpq']['sizes']
+    sizes['file_bytes'] = os.path.getsize(path)
+    _log(f'mpq export written to {path}: ' + format_sizes(sizes))
+    return ckpt['meta']['mpq']
+
+
+# ---------------------------------------------------------------------------- reading
+def is_quantized_checkpoint(ckpt: Any) -> bool:
+    return (isinstance(ckpt, dict) and isinstance(ckpt.get('meta'), dict)
+            and isinstance(ckpt['meta'].get('mpq'), dict))
+
+
+def _err(filename: str | None, problem: str) -> QuantizedCheckpointError:
+    where = filename if filename else 'quantized checkpoint'
+    return QuantizedCheckpointError(f'{where}: {problem}')
+
+
+def validate_export(ckpt: Any, filename: str | None = None) -> dict:
+    """Checks the structure of an export dict; returns its ``meta['mpq']``."""
+    if not isinstance(ckpt, dict):
+        raise _err(filename, f'not a checkpoint: the file holds a {type(ckpt).__name__}, '
+                             'not a dict')
+    if not is_quantized_checkpoint(ckpt):
+        if 'state_dict' in ckpt:
+            raise _err(filename, 'a plain (float) checkpoint, not an mpq-det quantized '
+                                 'export; quantize it with tools/export.py or tools/test.py '
+                                 'with MultipointQuantHook')
+        raise _err(filename, f'not an mpq-det quantized export (a dict with keys '
+                             f'{sorted(map(str, ckpt))[:8]}, no state_dict/meta.mpq)')
+    meta = ckpt['meta']['mpq']
+    ver = meta.get('format_version')
+    if ver != FORMAT_VERSION:
+        raise _err(filename, f'quantized export format_version {ver!r}; this mpq_det '
+                             f'reads format_version {FORMAT_VERSION} only (re-export it with '
+                             f'this version, or use the mpq_det that wrote it)')
+    layers = ckpt.get(LAYERS_KEY)
+    if not isinstance(layers, dict) or not isinstance(ckpt.get('state_dict'), dict):
+        raise _err(filename, f'corrupt quantized export: missing {LAYERS_KEY!r} or '
+                             "'state_dict'")
+    if sorted(layers) != sorted(meta.get('layers', [])):
+        raise _err(filename, 'corrupt quantized export: meta.mpq.layers does not list the '
+                             'stored layers')
+    for name, rec in layers.items():
+        if not isinstance(rec, dict) or any(k not in rec for k in _LAYER_KEYS):
+            raise _err(filename, f'corrupt quantized export: layer {name!r} lacks '
+                                 f'{[k for k in _LAYER_KEYS if k not in (rec or {})]}')
+        try:
+            rows, d = (int(x) for x in rec['shape'])
+            if rec['kind'] not in ('conv2d', 'linear'):
+                raise ValueError(f'kind {rec["kind"]!r}')
+            codes, scales, npoints = rec['codes'], rec['scales'], rec['npoints']
+            if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8):
+                raise ValueError('codes are not packed uint8')
+            if codes.numel() != packed_nbytes(rows * d, rec['bits']):
+                raise ValueError(f'{codes.numel()} code bytes, {rows}x{d} codes of '
+                                 f'{rec["bits"]} bits need {packed_nbytes(rows * d, rec["bits"])}')
+            if tuple(scales.shape) != (rows,) or int(npoints.sum()) != rows:
+                raise ValueError(f'scales {tuple(scales.shape)} / points sum '
+                                 f'{int(npoints.sum())} do not match {rows} rows')
+        except Exception as e:  # noqa: BLE001
+            raise _err(filename, f'corrupt quantized export: layer {name!r}: {e}') from None
+    return meta
+
+
+def unpacked_state(ckpt: dict, filename: str | None = None) -> dict[str, dict]:
+    """``qstate``-style {layer: tensors} with the codes unpacked (int8)."""
+    out = {}
+    for name, rec in ckpt[LAYERS_KEY].items():
+        rows, d = (int(x) for x in rec['shape'])
+        try:
+            codes = unpack_codes(rec['codes'], rec['bits'], rows * d).reshape(rows, d)
+        except ValueError as e:
+            raise _err(filename, f'corrupt quantized export: layer {name!r}: {e}') from None
+        out[name] = dict(kind=rec['kind'], bits=int(rec['bits']), codes=codes,
+                         scales=rec['scales'].float(), npoints=rec['npoints'].to(torch.int64),
+                         in_index=rec['in_index'], act_bits=rec['act_bits'],
+                         act_symmetric=rec['act_symmetric'], act_scale=rec['act_scale'],
+                         act_zero=rec['act_zero'])
+    return out
+
+
+def prepare_model_for_export(model: nn.Module, checkpoint: dict,
+                             filename: str | None = None) -> None:
+    """Rebuilds ``model``'s quantized layers and rewrites ``checkpoint['state_dict']``.
+
+    Called before mmengine loads ``checkpoint['state_dict']`` into ``model``: afterwards
+    the state_dict holds exactly ``model``'s keys (codes unpacked), so mmengine's own
+    load fills every tensor and the model is bit-identical to the one exported.
+    """
+    model = _unwrap(model)
+    validate_export(checkpoint, filename)
+    state = unpacked_state(checkpoint, filename)
+    for name in state:
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise _err(filename, f'the export has quantized layer {name!r}, which this '
+                                 f'model (config) does not have') from None
+        if isinstance(m, (QConv2d, QLinear)):
+            raise _err(filename, f'layer {name!r} of the model is already quantized; '
+                                 'load a quantized export into a freshly built model')
+    try:
+        apply_quantized_state(model, state)
+    except ValueError as e:
+        raise _err(filename, f'the export does not fit this model (config): {e}') from None
+    sd = OrderedDict(checkpoint['state_dict'])
+    for name, s in state.items():
+        for b in _QBUF_NAMES:
+            if s[b] is not None:
+                sd[f'{name}.{b}'] = s[b]
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd]
+    extra = [k for k in sd if k not in want]
+    if missing or extra:
+        raise _err(filename, f'the export does not fit this model (config): missing '
+                             f'{missing[:5]}{"..." if len(missing) > 5 else ""}, unexpected '
+                             f'{extra[:5]}{"..." if len(extra) > 5 else ""}')
+    checkpoint['state_dict'].clear()
+    checkpoint['state_dict'].update((k, sd[k]) for k in want)
+
+
+def _classify_load_error(path: str, e: Exception) -> str:
+    first = str(e).strip().splitlines()
+    detail = ''
+    for line in first:  # the WeightsUnpickler line is the informative one
+        if 'Unsupported global' in line or 'WeightsUnpickler' in line:
+            detail = line.strip()
+            break
+    if not detail and first:
+        detail = first[0].strip()
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if isinstance(e, pickle.UnpicklingError) and 'Unsupported global' in detail:
+        return ('not an mpq-det quantized export: it pickles objects a checkpoint does '
+                f'not contain ({detail[:300]})')
+    if head == b'PK\x03\x04':
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            if bad is not None:
+                return f'corrupt torch archive (bad CRC in {bad})'
+        except (zipfile.BadZipFile, OSError, EOFError) as ze:
+            return f'truncated or corrupt torch archive ({ze})'
+        return f'corrupt torch file ({detail[:300]})'
+    return ('not a PyTorch checkpoint (unrecognised bytes'
+            f'{"" if not detail else ": " + detail[:200]})')
+
+
+def read_checkpoint(path: str) -> Any:
+    """``torch.load`` (weights_only, exports allowed) with errors that name the file."""
+    if not isinstance(path, str) or not path:
+        raise QuantizedCheckpointError(f'{path!r}: not a file path')
+    if not osp.exists(path):
+        raise _err(path, 'no such file')
+    if not osp.isfile(path):
+        raise _err(path, 'not a regular file')
+    if osp.getsize(path) == 0:
+        raise _err(path, 'empty file (0 bytes)')
+    allow_exports()
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except QuantizedCheckpointError as e:
+        raise _err(path, str(e)) from None
+    except Exception as e:  # noqa: BLE001  torch raises many types; name the file
+        problem = _classify_load_error(path, e)
+    raise _err(path, problem)
+
+
+def load_quantized_checkpoint(path: str) -> dict:
+    """Reads and checks an export; ``QuantizedCheckpointError`` on any problem."""
+    ckpt = read_checkpoint(path)
+    validate_export(ckpt, path)
+    unpacked_state(ckpt, path)  # the packed codes decode
+    return ckpt
+
+
+def load_quantized_model(cfg, path: str, device: str = 'cpu') -> nn.Module:
+    """Builds ``cfg.model`` and loads the export ``path`` into it (no calibration)."""
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    ckpt = load_quantized_checkpoint(path)
+    model = MODELS.build(cfg.model)
+    prepare_model_for_export(model, ckpt, path)
+    model.load_state_dict(ckpt['state_dict'], strict=True)
+    if ckpt['meta'].get('dataset_meta') is not None:
+        model.dataset_meta = ckpt['meta']['dataset_meta']
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------- conversions
+def _folded_weight(m: QConv2d | QLinear) -> Tensor:
+    """The dequantized weight on the layer's own inputs (OCS duplicates summed back)."""
+    w = m.weight.detach().clone()
+    if m.in_index is None:
+        return w
+    n_in = m.in_channels if isinstance(m, QConv2d) else m.in_features
+    out = w.new_zeros(w.shape[0], n_in, *w.shape[2:])
+    return out.index_add_(1, m.in_index.to(w.device), w)
+
+
+def dequantized_state_dict(model: nn.Module) -> OrderedDict:
+    """The float state_dict plain mmdet loads: each quantized layer -> weight (+bias)."""
+    model = _unwrap(model)
+    sd = OrderedDict()
+    qlayers = {n: m for n, m in model.named_modules() if isinstance(m, (QConv2d, QLinear))}
+    for name, m in qlayers.items():
+        if m.act_bits is not None:
+            raise ValueError(f'layer {name!r} fake-quantizes its input activations '
+                             f'(act_bits={m.act_bits}); a plain float model cannot do that, '
+                             'so --to-float would not reproduce the quantized model')
+    drop = {f'{n}.{b}' for n in qlayers for b in _QBUF_NAMES}
+    for k, v in model.state_dict().items():
+        if k in drop:
+            continue
+        sd[k] = v.detach().cpu().clone()
+    for name, m in qlayers.items():
+        sd[f'{name}.weight'] = _folded_weight(m).cpu()
+    return sd
+
+
+def save_float_checkpoint(model: nn.Module, path: str, export_meta: dict | None = None,
+                          dataset_meta: dict | None = None) -> None:
+    """A dequantized float checkpoint (no mpq_det objects in it)."""
+    meta: dict = dict(mpq_dequantized=dict(
+        format_version=FORMAT_VERSION,
+        source_export_settings=None if export_meta is None else export_meta.get('settings'),
+        layers=None if export_meta is None else export_meta.get('layers')))
+    if dataset_meta is not None:
+        meta['dataset_meta'] = dataset_meta
+    atomic_save({'state_dict': dequantized_state_dict(model), 'meta': meta}, path)
+
+
+def _act_fake_quant(x: Tensor, bits: int | None, symmetric: bool, scale: Tensor,
+                    zero: Tensor) -> Tensor:
+    if bits is None:
+        return x
+    s, z = scale.to(x.dtype), zero.to(x.dtype)
+    if symmetric:
+        q = 2 ** (bits - 1) - 1
+        return torch.clamp(torch.round(x / s), -q, q) * s
+    return (torch.clamp(torch.round(x / s) + z, 0, 2 ** bits - 1) - z) * s
+
+
+class _CommonOperands(nn.Module):
+    def _init_common(self, q: QConv2d | QLinear, scale: Tensor, chan: Tensor) -> None:
+        self.register_buffer('scale', scale.detach().clone().float())
+        self.register_buffer('chan', chan.detach().clone().to(torch.int64))
+        self.register_buffer('in_index', None if q.in_index is None
+                             else q.in_index.detach().clone())
+        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(),
+                                                             requires_grad=False)
+        self.act_bits = q.act_bits
+        self.act_symmetric = q.act_symmetric
+        self.register_buffer('act_scale', q.act_scale.detach().clone())
+        self.register_buffer('act_zero', q.act_zero.detach().clone())
+
+    def _prep(self, x: Tensor, dim: int) -> Tensor:
+        if self.in_index is not None:
+            x = x.index_select(dim, self.in_index)
+        return _act_fake_quant(x, self.act_bits, self.act_symmetric, self.act_scale,
+                               self.act_zero)
+
+
+class CommonOperandsConv2d(_CommonOperands):
+    """A quantized conv in common operands: ``int_conv`` (an ordinary nn.Conv2d whose
+    weights are the integer codes, one output row per point), then scale-and-sum of
+    each output channel's rows (a multiply and a scatter-add)."""
+
+    def __init__(self, q: QConv2d):
+        super().__init__()
+        wint, scale, chan = q._expanded(torch.float32, q.codes.device)
+        self.out_channels = q.out_channels
+        self.int_conv = nn.Conv2d(q.weight_in_channels, wint.shape[0], q.kernel_size,
+                                  q.stride, q.padding, q.dilation, q.groups, bias=False,
+                                  padding_mode=q.padding_mode)
+        self.int_conv.weight = nn.Parameter(wint.detach().clone(), requires_grad=False)
+        self._init_common(q, scale, chan)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.int_conv(self._prep(x, 1)) * self.scale[None, :, None, None].to(x.dtype)
+        out = y.new_zeros(y.shape[0], self.out_channels + 1, y.shape[2], y.shape[3])
+        idx = self.chan[None, :, None, None].expand_as(y)
+        out = out.scatter_add(1, idx, y)[:, :self.out_channels]
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)[None, :, None, None]
+        return out
+
+
+class CommonOperandsLinear(_CommonOperands):
+    """A quantized linear in common operands: nn.Linear of integer codes, then
+    scale-and-sum."""
+
+    def __init__(self, q: QLinear):
+        super().__init__()
+        wint, scale, chan = q._expanded(torch.float32, q.codes.device)
+        self.out_features = q.out_features
+        self.int_linear = nn.Linear(wint.shape[1], wint.shape[0], bias=False)
+        self.int_linear.weight = nn.Parameter(wint.detach().clone(), requires_grad=False)
+        self._init_common(q, scale, chan)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.int_linear(self._prep(x, x.dim() - 1)) * self.scale.to(x.dtype)
+        out = y.new_zeros(*y.shape[:-1], self.out_features)
+        idx = self.chan.expand_as(y)
+        out = out.scatter_add(y.dim() - 1, idx, y)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out
+
+
+def expand_model(model: nn.Module) -> nn.Module:
+    """Replaces (in place) every QConv2d/QLinear by its common-operands module."""
+    model = _unwrap(model)
+    qlayers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QConv2d, QLinear))]
+    if not qlayers:
+        raise ValueError('the model has no quantized layers to expand')
+    for name, m in qlayers:
+        new = CommonOperandsConv2d(m) if isinstance(m, QConv2d) else CommonOperandsLinear(m)
+        swap_module(model, name, new)
+    return model
+
+
+def save_expanded_model(model: nn.Module, path: str) -> None:
+    """``torch.save`` of the whole common-operands nn.Module (load it with
+    ``load_expanded_model`` or ``torch.load(path, weights_only=False)``; mmdet and
+    mpq_det must be importable)."""
+    model = expand_model(copy.deepcopy(_unwrap(model)).cpu())
+    atomic_save({'model': model, 'format': 'mpq-det common operands',
+                 'format_version': FORMAT_VERSION}, path)
+
+
+def load_expanded_model(path: str) -> nn.Module:
+    """Loads a ``save_expanded_model`` file (a full pickle: only from a trusted source)."""
+    if not osp.isfile(path):
+        raise _err(path, 'no such file')
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise _err(path, f'cannot read the expanded model ({str(e).splitlines()[0][:200]})') \
+            from None
+    if not (isinstance(obj, dict) and obj.get('format') == 'mpq-det common operands'):
+        raise _err(path, 'not an mpq-det common-operands model file')
+    return obj['model'].eval()
+
+
+# ----------------------------------------------------------------------- raw outputs
+class RawOutputs(nn.Module):
+    """``detector(inputs, mode='tensor')`` with its nested outputs flattened to a tuple."""
+
+    def __init__(self, detector: nn.Module, data_samples: list | None = None):
+        super().__init__()
+        self.detector = detector
+        self.data_samples = data_samples  # two-stage detectors need the image metas
+
+    def forward(self, inputs: Tensor):
+        return tuple(flatten_outputs(self.detector(inputs, self.data_samples, mode='tensor')))
+
+
+def flatten_outputs(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in flatten_outputs(o)]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in flatten_outputs(out[k])]
+    if out is None:
+        return []
+    raise TypeError(f'unexpected raw output type {type(out).__name__}')
+
+
+def max_rel_diff(a: list[Tensor], b: list[Tensor]) -> float:
+    """max over outputs of max|a - b| / max|b| (b: the reference)."""
+    if len(a) != len(b):
+        raise ValueError(f'{len(a)} outputs vs {len(b)} reference outputs')
+    worst = 0.0
+    for x, y in zip(a, b):
+        x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
+        if x.shape != y.shape:
+            raise ValueError(f'output shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}')
+        if y.numel() == 0:
+            continue
+        worst = max(worst, float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)))
+    return worst
+
+
+@torch.no_grad()
+def raw_outputs(model: nn.Module, inputs: Tensor, data_samples: list | None = None
+                ) -> list[Tensor]:
+    """``model(inputs, data_samples, mode='tensor')`` flattened (two-stage detectors
+    include their RoI head outputs on the RPN proposals, hence need data_samples)."""
+    samples = copy.deepcopy(data_samples)
+    return [t.detach().cpu() for t in RawOutputs(_unwrap(model).eval(), samples)(inputs)]
+
+
+def is_two_stage(model: nn.Module) -> bool:
+    return hasattr(_unwrap(model), 'roi_head')
+
+
+@torch.no_grad()
+def export_onnx(model: nn.Module, inputs: Tensor, path: str, opset: int = 17,
+                check: bool = True) -> float | None:
+    """ONNX of the network up to the raw head outputs (common operands), then (check)
+    the max relative difference of onnxruntime's outputs vs ``model``'s in PyTorch."""
+    model = _unwrap(model).eval()
+    if is_two_stage(model):
+        raise ValueError('ONNX export covers one-stage detectors (network up to the raw '
+                         'head outputs); a two-stage detector\'s RoI head runs on '
+                         'data-dependent RPN proposals')
+    ref = raw_outputs(model, inputs)
+    expanded = RawOutputs(expand_model(copy.deepcopy(model).cpu()).eval())
+    names = [f'out{i}' for i in range(len(ref))]
+    folder = osp.dirname(osp.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    buf = io.BytesIO()
+    torch.onnx.export(expanded, (inputs.cpu(),), buf, dynamo=False, opset_version=opset,
+                      input_names=['inputs'], output_names=names,
+                      dynamic_axes={'inputs': {0: 'batch', 2: 'height', 3: 'width'}})
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+    if not check:
+        return None
+    import onnxruntime as ort
+    sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    got = sess.run(None, {'inputs': inputs.cpu().numpy()})
+    return max_rel_diff([torch.from_numpy(g) for g in got], ref)
+
+
+def sample_inputs(cfg, model: nn.Module, num_images: int = 1,
+                  split: str = 'test') -> tuple[Tensor, list]:
+    """Preprocessed (inputs, data_samples) of the first images of a dataloader."""
+    from mmengine.runner import Runner
+    dl_cfg = copy.deepcopy(cfg[f'{split}_dataloader'])
+    dl_cfg['batch_size'] = num_images
+    dl_cfg['num_workers'] = 0
+    dl_cfg['persistent_workers'] = False
+    loader = Runner.build_dataloader(dl_cfg)
+    batch = next(iter(loader))
+    data = _unwrap(model).data_preprocessor(batch, False)
+    return data['inputs'], data['data_samples']
+
+
+# ----------------------------------------------------------------------- tools/export
+def _is_quant_hook(h: Any) -> bool:
+    t = h.get('type') if isinstance(h, dict) else None
+    return t == 'MultipointQuantHook' or getattr(t, '__name__', None) == 'MultipointQuantHook'
+
+
+def quantize_and_export(cfg, checkpoint: str, out: str, work_dir: str | None = None) -> dict:
+    """Loads ``checkpoint`` into ``cfg``'s model, quantizes it with the config's
+    MultipointQuantHook (one with default settings if it has none) and writes the
+    export ``out``; the test set is not evaluated. Returns the export's meta['mpq']."""
+    from mmengine.runner import Runner
+    allow_exports()
+    cfg = copy.deepcopy(cfg)
+    hooks = list(cfg.get('custom_hooks') or [])
+    found = [i for i, h in enumerate(hooks) if _is_quant_hook(h)]
+    if not found:
+        _log('mpq export: the config has no MultipointQuantHook; using its defaults')
+        hooks.append(dict(type='MultipointQuantHook'))
+        found = [len(hooks) - 1]
+    hooks[found[0]] = dict(hooks[found[0]], export=out)
+    cfg.custom_hooks = hooks
+    cfg.load_from = checkpoint
+    cfg.resume = False
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    if isinstance(checkpoint, str) and osp.exists(out) and osp.exists(checkpoint) and \
+            osp.samefile(out, checkpoint):
+        raise ValueError(f'OUT {out} is the source checkpoint; refusing to overwrite it')
+    runner = Runner.from_cfg(cfg)
+    runner.load_or_resume()  # after_load_checkpoint: rebuilds an export given as input
+    hook = next(h for h in runner.hooks if type(h).__name__ == 'MultipointQuantHook')
+    if hook.loaded_export is not None:  # the input is already an export: rewrite it
+        meta = hook.loaded_export
+        return save_quantized_checkpoint(runner.model, out, source=checkpoint,
+                                         settings=meta.get('settings'),
+                                         report=meta.get('report'))
+    hook._quantize(runner)
+    return load_quantized_checkpoint(out)['meta']['mpq']
+
+
+# ----------------------------------------------------------------------- tools/convert
+CONVERT_TOL = 1e-4
+
+
+def build_float_model(cfg) -> nn.Module:
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    model = MODELS.build(cfg.model)
+    return model.eval()
+
+
+def convert_export(cfg, path: str, to_float: str | None = None,
+                   to_expanded: str | None = None, onnx: str | None = None,
+                   num_images: int = 1) -> dict[str, float]:
+    """Writes the requested conversions of the export ``path`` and checks each one's
+    raw outputs against the quantized model's on the first test images. Returns
+    {conversion: max relative difference}."""
+    model = load_quantized_model(cfg, path)
+    meta = read_checkpoint(path)['meta']
+    inputs, samples = sample_inputs(cfg, model, num_images)
+    ref = raw_outputs(model, inputs, samples)
+    diffs = {}
+    if to_float:
+        save_float_checkpoint(model, to_float, meta['mpq'], meta.get('dataset_meta'))
+        plain = build_float_model(cfg)
+        from mmengine.runner.checkpoint import load_checkpoint
+        load_checkpoint(plain, to_float, map_location='cpu', strict=True, logger='silent')
+        diffs['float'] = max_rel_diff(raw_outputs(plain, inputs, samples), ref)
+        _log(f'--to-float {to_float}: plain-mmdet float model vs quantized raw outputs: '
+             f'max rel diff {diffs["float"]:.3e}')
+    if to_expanded:
+        save_expanded_model(model, to_expanded)
+        expanded = load_expanded_model(to_expanded)
+        diffs['expanded'] = max_rel_diff(raw_outputs(expanded, inputs, samples), ref)
+        _log(f'--to-expanded {to_expanded}: common-operands model vs quantized raw outputs: '
+             f'max rel diff {diffs["expanded"]:.3e}')
+    if onnx:
+        diffs['onnx'] = export_onnx(model, inputs, onnx)
+        _log(f'--onnx {onnx}: onnxruntime vs PyTorch quantized raw outputs: max rel diff '
+             f'{diffs["onnx"]:.3e}')
+    return diffs
