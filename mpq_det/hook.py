@@ -82,6 +82,8 @@ class MultipointQuantHook(Hook):
             raise ValueError(f'export={export!r} must be a file path or None')
         self.export = export
         self.report = bool(report)
+        from .export import allow_exports
+        allow_exports()  # exports (quantized checkpoints) load only with this hook
         self.loaded_export: dict | None = None   # meta['mpq'] of a reloaded export
         self.result: QuantResult | None = None
         self._done = False
@@ -168,7 +170,8 @@ class MultipointQuantHook(Hook):
             diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
             logger.warning(f'MultipointQuantHook: the checkpoint is a quantized export; its '
                            f'settings win over the config\'s (they differ in {diff})')
-        prepare_model_for_export(self._model(runner), checkpoint)
+        prepare_model_for_export(self._model(runner), checkpoint,
+                                 filename=runner.cfg.get('load_from'))
         self.loaded_export = meta
         self._done = True
         logger.info(f'MultipointQuantHook: rebuilt {len(meta["layers"])} quantized layers '
