@@ -15,7 +15,7 @@ data: setup
 # Trained checkpoints are committed; a missing one is trained (about 10 min on 2 cores).
 data/checkpoints/%.pth:
 	$(PY) tools/train.py configs/detectors/$*_synth_voc.py --work-dir work_dirs/train_$*
-	$(PY) tools/publish_checkpoint.py work_dirs/train_$*/epoch_12.pth $@
+	$(PY) tools/publish_checkpoint.py $$(cat work_dirs/train_$*/last_checkpoint) $@
 
 checkpoints: data $(DETECTORS:%=data/checkpoints/%.pth)
 

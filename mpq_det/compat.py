@@ -19,18 +19,39 @@ def _numpy_globals() -> list:
     return [_reconstruct, scalar, np.ndarray, np.dtype, *dtype_classes]
 
 
+def _history_buffer_getattr(obj, name: str):
+    """Stands in for ``builtins.getattr`` while unpickling, for one pattern only.
+
+    HistoryBuffer pickles its statistics methods as ``getattr(HistoryBuffer, 'min')``.
+    Allowing the real getattr would open every attribute of every allowed object
+    (and from there, code execution), so only HistoryBuffer's registered statistics
+    methods are resolved; anything else is refused.
+    """
+    import pickle
+
+    from mmengine.logging.history_buffer import HistoryBuffer
+    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(
+        f'getattr({getattr(obj, "__name__", type(obj).__name__)}, {name!r}) is not allowed '
+        f'in a weights-only checkpoint (only HistoryBuffer statistics methods are)')
+
+
 def allow_mmengine_checkpoints() -> None:
     """Allowlist what an mmengine training checkpoint pickles, for ``weights_only=True``.
 
     torch >= 2.6 loads with ``weights_only=True`` by default and mmengine 0.10.7 does not
     pass ``weights_only``, so its own checkpoints (``message_hub`` holds HistoryBuffers
-    of numpy arrays) fail to load. We allow exactly mmengine's HistoryBuffer and the
-    numpy reconstruction globals; every other global is still refused.
+    of numpy arrays) fail to load. We allow exactly mmengine's HistoryBuffer, the numpy
+    reconstruction globals and a getattr restricted to HistoryBuffer's statistics
+    methods; every other global is still refused.
     """
     if not hasattr(torch.serialization, 'add_safe_globals'):
         return  # torch < 2.4 loads full pickles by default
     from mmengine.logging.history_buffer import HistoryBuffer
-    torch.serialization.add_safe_globals([HistoryBuffer, *_numpy_globals()])
+    torch.serialization.add_safe_globals(
+        [HistoryBuffer, *_numpy_globals(),
+         (_history_buffer_getattr, 'builtins.getattr')])
 
 
 def fix_ssd_head() -> None:

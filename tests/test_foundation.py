@@ -1,4 +1,5 @@
 """Synthetic data, the VOC metric's names, mmengine checkpoints on torch >= 2.6, SSD."""
+import collections
 import json
 import os
 import os.path as osp
@@ -75,10 +76,9 @@ def test_named_voc_metric_prints_our_class_names(tiny_data, tmp_path, capsys):
             boxes = torch.tensor([x['bbox'] for x in info['instances']], dtype=torch.float32)
             labels = torch.tensor([x['bbox_label'] for x in info['instances']])
             pred = InstanceData(bboxes=boxes, scores=torch.ones(len(labels)), labels=labels)
-            gt = dict(bboxes=boxes.numpy(), labels=labels.numpy(),
-                      bboxes_ignore=torch.zeros(0, 4).numpy(), labels_ignore=torch.zeros(0).numpy())
-            samples.append(dict(pred_instances=pred, gt_instances=gt, instances=info['instances'],
-                                ori_shape=(info['height'], info['width'])))
+            samples.append(dict(
+                pred_instances=pred, gt_instances=dict(bboxes=boxes, labels=labels),
+                ignored_instances=dict(bboxes=torch.zeros(0, 4), labels=torch.zeros(0).long())))
         capsys.readouterr()
         metric.process({}, samples)
         res = metric.evaluate(len(samples))
@@ -114,6 +114,13 @@ def test_training_checkpoint_loads_with_weights_only(trained_ckpt):
             return (os.system, ('true',))
     bad = osp.join(osp.dirname(trained_ckpt), 'evil.pth')
     torch.save({'x': Evil()}, bad)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(bad)
+    # the getattr stand-in resolves HistoryBuffer's statistics methods only
+    class Sneaky:
+        def __reduce__(self):
+            return (getattr, (collections.OrderedDict, 'fromkeys'))
+    torch.save({'x': Sneaky()}, bad)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(bad)
 

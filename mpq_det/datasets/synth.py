@@ -134,8 +134,9 @@ def _voc_xml(name: str, w: int, h: int, objects) -> ET.ElementTree:
         ET.SubElement(obj, 'truncated').text = '0'
         ET.SubElement(obj, 'difficult').text = '0'
         bb = ET.SubElement(obj, 'bndbox')
-        # VOC boxes are 1-based inclusive; mmdet's VOCDataset subtracts 1 from xmin/ymin
-        for k, v in (('xmin', x0 + 1), ('ymin', y0 + 1), ('xmax', x1), ('ymax', y1)):
+        # 1-based like VOC; mmdet's VOCDataset subtracts 1 from all four, which gives
+        # back exactly the box the COCO json holds
+        for k, v in (('xmin', x0 + 1), ('ymin', y0 + 1), ('xmax', x1 + 1), ('ymax', y1 + 1)):
             ET.SubElement(bb, k).text = str(int(v))
     return ET.ElementTree(root)
 

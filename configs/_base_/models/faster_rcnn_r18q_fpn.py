@@ -2,13 +2,15 @@
 _base_ = ['./r18q.py']
 model = dict(
     type='FasterRCNN',
-    neck=dict(type='FPN', in_channels=[16, 32, 64, 128], out_channels=64, num_outs=5),
+    # from stride 8: a stride-4 level would double the cost on 2 CPU cores
+    backbone=dict(out_indices=(1, 2, 3)),
+    neck=dict(type='FPN', in_channels=[32, 64, 128], out_channels=64, num_outs=4),
     rpn_head=dict(
         type='RPNHead',
         in_channels=64,
         feat_channels=64,
-        anchor_generator=dict(type='AnchorGenerator', scales=[4], ratios=[0.5, 1.0, 2.0],
-                              strides=[4, 8, 16, 32, 64]),
+        anchor_generator=dict(type='AnchorGenerator', scales=[3], ratios=[0.5, 1.0, 2.0],
+                              strides=[8, 16, 32, 64]),
         bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[.0, .0, .0, .0],
                         target_stds=[1.0, 1.0, 1.0, 1.0]),
         loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0),
@@ -19,7 +21,7 @@ model = dict(
             type='SingleRoIExtractor',
             roi_layer=dict(type='RoIAlign', output_size=7, sampling_ratio=0),
             out_channels=64,
-            featmap_strides=[4, 8, 16, 32]),
+            featmap_strides=[8, 16, 32]),
         bbox_head=dict(
             type='Shared2FCBBoxHead',
             in_channels=64,
@@ -38,12 +40,12 @@ model = dict(
             sampler=dict(type='RandomSampler', num=256, pos_fraction=0.5, neg_pos_ub=-1,
                          add_gt_as_proposals=False),
             allowed_border=-1, pos_weight=-1, debug=False),
-        rpn_proposal=dict(nms_pre=1000, max_per_img=300, nms=dict(type='nms', iou_threshold=0.7),
+        rpn_proposal=dict(nms_pre=600, max_per_img=200, nms=dict(type='nms', iou_threshold=0.7),
                           min_bbox_size=0),
         rcnn=dict(
             assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
                           match_low_quality=False, ignore_iof_thr=-1),
-            sampler=dict(type='RandomSampler', num=128, pos_fraction=0.25, neg_pos_ub=-1,
+            sampler=dict(type='RandomSampler', num=64, pos_fraction=0.25, neg_pos_ub=-1,
                          add_gt_as_proposals=True),
             pos_weight=-1, debug=False)),
     test_cfg=dict(

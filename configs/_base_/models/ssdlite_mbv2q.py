@@ -4,7 +4,7 @@ model = dict(
     type='SingleStageDetector',
     data_preprocessor=dict(type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53],
                            std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_size_divisor=32),
-    backbone=dict(type='MobileNetV2', widen_factor=0.5, out_indices=(3, 5, 7), norm_cfg=norm_cfg,
+    backbone=dict(type='MobileNetV2', widen_factor=0.5, out_indices=(2, 4, 7), norm_cfg=norm_cfg,
                   init_cfg=dict(type='TruncNormal', layer='Conv2d', std=0.03)),
     neck=dict(
         type='SSDNeck',
