@@ -65,7 +65,8 @@ if ! have_ops; then
 fi
 
 # 3. this package
-if ! "$PY" -c "import mpq_det" 2>/dev/null; then
+# checked from / so that the repo folder on sys.path does not hide a missing install
+if ! (cd / && "$PY" -c "import mpq_det, os, sys; sys.exit(os.path.dirname(os.path.dirname(mpq_det.__file__)) != '$ROOT')") 2>/dev/null; then
   step "installing mpq_det (editable)"
   "$PY" -m pip install -q --no-build-isolation --no-deps -e "$ROOT" || fail package "pip install -e ."
 fi
