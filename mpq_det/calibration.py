@@ -69,3 +69,31 @@ def run_calibration(model: torch.nn.Module, loader: DataLoader, show_progress: b
     if bar is not None:
         print()
     model.train(was_training)
+
+
+def collect_layer_stats(cfg: Config, checkpoint: str, num_images: int = 32,
+                        batch_size: int = 4, seed: int = 0, split: str = 'train'
+                        ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, weight, exact H (G, d, d)) for every Conv2d/Linear of a trained detector.
+
+    For benchmarks that compare quantizers and H forms on real calibration statistics.
+    """
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import load_checkpoint
+
+    from .hook import component_of
+    from .model_pass import QuantSettings, StatsCollector, plan_layers
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    model = MODELS.build(cfg.model)
+    load_checkpoint(model, checkpoint, map_location='cpu', logger='silent')
+    s = QuantSettings()
+    plans, _, _ = plan_layers(model, component_of, {c: s for c in ('backbone', 'neck', 'head')})
+    collector = StatsCollector(plans, form='exact', seed=seed)
+    try:
+        run_calibration(model, build_calib_loader(cfg, split, num_images, batch_size, seed),
+                        show_progress=False)
+    finally:
+        collector.remove()
+    return [(p.name, p.module.weight.detach().clone(),
+             collector.stats[p.name].stats.finalize().dense()) for p in plans]

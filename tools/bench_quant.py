@@ -240,13 +240,24 @@ def main(argv=None):
                    help='torch.save()d list of (name, weight, H (G, d, d)) triples, '
                         'e.g. a trained detector\'s layers with their calibration '
                         'statistics (default: a small synthetic conv net)')
+    p.add_argument('--config', help='a trained detector: its layers and calibration '
+                   'statistics (32 train images) are benched instead of synthetic ones')
+    p.add_argument('--checkpoint', help='checkpoint of --config')
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if 'errors' in args.parts or 'hforms' in args.parts:
-        if args.layers:
+        if args.config:
+            import mpq_det  # noqa: F401
+            from mmengine.config import Config
+
+            from mpq_det.calibration import collect_layer_stats
+            layers = collect_layer_stats(Config.fromfile(args.config), args.checkpoint,
+                                         seed=args.seed)
+            src = f'{args.config} + {args.checkpoint}'
+        elif args.layers:
             layers = [(n, W.float(), H) for n, W, H in
                       torch.load(args.layers, map_location='cpu', weights_only=False)]
             src = args.layers
