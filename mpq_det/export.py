@@ -148,6 +148,28 @@ def _nbytes(t: Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def content_sha256(ckpt: dict) -> str:
+    """sha256 over every stored tensor and layer field (torch does not detect flipped
+    bytes inside an archive entry)."""
+    h = hashlib.sha256()
+
+    def feed(key: str, v: Any) -> None:
+        h.update(key.encode())
+        if isinstance(v, Tensor):
+            t = v.detach().cpu().reshape(-1).contiguous()
+            h.update(f'{t.dtype}{tuple(v.shape)}'.encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(v).encode())
+    for k in sorted(ckpt['state_dict']):
+        feed('s:' + k, ckpt['state_dict'][k])
+    for name in sorted(ckpt[LAYERS_KEY]):
+        rec = ckpt[LAYERS_KEY][name]
+        for k in sorted(rec):
+            feed(f'l:{name}:{k}', rec[k])
+    return h.hexdigest()
+
+
 def _source_meta(source: str | None) -> tuple[str | None, dict | None]:
     """(sha256, dataset_meta) of a local source checkpoint; (None, None) if absent."""
     if not (isinstance(source, str) and osp.isfile(source)):
@@ -226,8 +248,10 @@ def build_export(model: nn.Module, source: str | None = None, settings: dict | N
                       mmengine=str(mmengine.__version__))))
     if dataset_meta is not None:
         meta['dataset_meta'] = dataset_meta
-    return {'state_dict': state_dict, LAYERS_KEY: layers, 'meta': meta,
+    ckpt = {'state_dict': state_dict, LAYERS_KEY: layers, 'meta': meta,
             MARKER_KEY: RequiresMultipointQuantHook(FORMAT_VERSION, _check=False)}
+    meta['mpq']['content_sha256'] = content_sha256(ckpt)
+    return ckpt
 
 
 def _budgets(settings: dict | None) -> list[float]:
@@ -335,6 +359,13 @@ def validate_export(ckpt: Any, filename: str | None = None) -> dict:
                                  f'{int(npoints.sum())} do not match {rows} rows')
         except Exception as e:  # noqa: BLE001
             raise _err(filename, f'corrupt quantized export: layer {name!r}: {e}') from None
+    try:
+        digest = content_sha256(ckpt)
+    except Exception as e:  # noqa: BLE001
+        raise _err(filename, f'corrupt quantized export: {str(e)[:200]}') from None
+    if digest != meta.get('content_sha256'):
+        raise _err(filename, 'corrupt quantized export: content checksum mismatch (the '
+                             'tensors were damaged or modified after export)')
     return meta
 
 
@@ -407,8 +438,11 @@ def _classify_load_error(path: str, e: Exception) -> str:
     with open(path, 'rb') as f:
         head = f.read(4)
     if isinstance(e, pickle.UnpicklingError) and 'Unsupported global' in detail:
-        return ('not an mpq-det quantized export: it pickles objects a checkpoint does '
-                f'not contain ({detail[:300]})')
+        import re
+        g = re.search(r'GLOBAL (\S+)', detail)
+        what = g.group(1) if g else detail[:200]
+        return ('not an mpq-det quantized export: it pickles an object a checkpoint does '
+                f'not contain ({what}), which weights-only loading refuses')
     if head == b'PK\x03\x04':
         try:
             with zipfile.ZipFile(path) as z:
@@ -418,8 +452,10 @@ def _classify_load_error(path: str, e: Exception) -> str:
         except (zipfile.BadZipFile, OSError, EOFError) as ze:
             return f'truncated or corrupt torch archive ({ze})'
         return f'corrupt torch file ({detail[:300]})'
-    return ('not a PyTorch checkpoint (unrecognised bytes'
-            f'{"" if not detail else ": " + detail[:200]})')
+    if head[:1] == b'\x80':
+        return 'not a PyTorch checkpoint (a plain pickle, or a legacy torch file torch ' \
+               'cannot read)'
+    return 'not a PyTorch checkpoint (neither a torch zip archive nor a pickle)'
 
 
 def read_checkpoint(path: str) -> Any:

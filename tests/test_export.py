@@ -81,6 +81,15 @@ def assert_same_predictions(a, b):
             assert torch.equal(u, v)
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """The machine is shared (2 cores); one thread avoids OpenMP oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope='module', params=DETECTORS)
 def exported(request, tiny_data, tmp_path_factory):
     """Quantized in memory by the hook (export=...) during Runner.test()."""
@@ -179,6 +188,8 @@ def test_format_size_and_meta(exported):
 
 
 def test_tools_export_writes_the_same_export(exported, tmp_path):
+    if exported.name != 'retinanet_r18q':  # (faster_rcnn: through the failure test)
+        return
     out = str(tmp_path / 'tool.pth')
     assert export_tool.main([exported.cfg_path, exported.src, out, '--work-dir',
                              str(tmp_path)]) == 0
@@ -192,14 +203,9 @@ def test_tools_export_writes_the_same_export(exported, tmp_path):
 
 
 # ---------------------------------------------------------------------- conversions
-def test_to_float_and_expanded(exported, tmp_path):
-    f, e = str(tmp_path / 'float.pth'), str(tmp_path / 'expanded.pt')
-    assert convert_tool.main([exported.cfg_path, exported.qpath, '--to-float', f,
-                              '--to-expanded', e]) == 0
-    # the float checkpoint references no mpq_det object
-    with zipfile.ZipFile(f) as z:
-        pkl = [n for n in z.namelist() if n.endswith('data.pkl')]
-        assert pkl and b'mpq_det' not in z.read(pkl[0])
+def test_to_expanded(exported, tmp_path):
+    e = str(tmp_path / 'expanded.pt')
+    assert convert_tool.main([exported.cfg_path, exported.qpath, '--to-expanded', e]) == 0
     expanded = ex.load_expanded_model(e)
     assert not any(isinstance(m, (QConv2d, QLinear)) for m in expanded.modules())
     convs = [m for m in expanded.modules() if isinstance(m, ex.CommonOperandsConv2d)]
@@ -215,6 +221,9 @@ def test_to_float_loads_in_plain_mmdet(exported, tmp_path):
     """A fresh process that never imports mpq_det loads the float checkpoint."""
     f = str(tmp_path / 'float.pth')
     assert convert_tool.main([exported.cfg_path, exported.qpath, '--to-float', f]) == 0
+    with zipfile.ZipFile(f) as z:  # it references no mpq_det object
+        pkl = [n for n in z.namelist() if n.endswith('data.pkl')]
+        assert pkl and b'mpq_det' not in z.read(pkl[0])
     inp = str(tmp_path / 'inputs.pt')
     torch.save({'inputs': exported.inputs, 'samples': exported.samples}, inp)
     out = str(tmp_path / 'outputs.pt')
@@ -283,10 +292,10 @@ def test_failed_write_leaves_no_file(exported, tmp_path, monkeypatch):
         with pytest.raises(OSError, match='injected'):
             save_quantized_checkpoint(exported.model, target, source=exported.src,
                                       settings=exported.hook.settings(), report=None)
-    # also through tools/export.py (quantizes, then the write fails)
-    with pytest.raises(OSError, match='injected'):
-        export_tool.main([exported.cfg_path, exported.src, good, '--work-dir',
-                          str(tmp_path / 'wd')])
+    if exported.name == 'faster_rcnn_r18q':  # also through tools/export.py
+        with pytest.raises(OSError, match='injected'):
+            export_tool.main([exported.cfg_path, exported.src, good, '--work-dir',
+                              str(tmp_path / 'wd')])
     monkeypatch.undo()
     assert sorted(p for p in os.listdir(tmp_path) if p != 'wd') == ['q.pth']
     assert sha(good) == good_sha
@@ -334,13 +343,24 @@ def _corrupt_files(exported, tmp: str) -> dict:
     torch.save(ck, osp.join(tmp, 'bad_layer.pth'))
     files['bad_layer'] = osp.join(tmp, 'bad_layer.pth')
     files['missing'] = osp.join(tmp, 'does_not_exist.pth')
+    # one flipped byte inside the largest tensor (torch itself does not notice)
+    with zipfile.ZipFile(exported.qpath) as z:
+        big = max((i for i in z.infolist() if '/data/' in i.filename),
+                  key=lambda i: i.file_size)
+    flipped = bytearray(data)
+    h = big.header_offset  # the local header's name/extra lengths give the data start
+    start = h + 30 + int.from_bytes(data[h + 26:h + 28], 'little') + \
+        int.from_bytes(data[h + 28:h + 30], 'little')
+    flipped[start + 7] ^= 0x10
+    put('bit_flip', bytes(flipped))
     return files
 
 
 EXPECT = dict(empty='empty', truncated_half='truncated', truncated_tail='truncated',
               random_bytes='not a PyTorch checkpoint', text='not a PyTorch checkpoint',
               foreign_list='not a checkpoint', foreign_dict='not an mpq-det quantized export',
-              foreign_pickle='not a PyTorch checkpoint',
+              foreign_pickle='not a PyTorch checkpoint (a plain pickle',
+              bit_flip='checksum mismatch',
               foreign_object='not an mpq-det quantized export',
               plain_mmdet='plain (float) checkpoint', wrong_version='format_version 99',
               bad_layer='corrupt quantized export', missing='no such file')
