@@ -418,18 +418,13 @@ def test_loading_without_the_hook_fails_and_says_add_it(exported, tmp_path, monk
 
 
 # ----------------------------------------------------------------- trained checkpoint
-@pytest.mark.slow
-def test_trained_retinanet_map_reload_and_float(tmp_path):
-    """mAP of the quantized model == reloaded export == plain-mmdet --to-float."""
-    ckpt = osp.join(ROOT, 'data/checkpoints/retinanet_r18q.pth')
-    if not osp.exists(ckpt):
-        pytest.skip(f'{ckpt} is missing (make checkpoints)')
+def map_roundtrip(ckpt: str, tmp_path, indices: int | None = None) -> dict:
+    """mAPs of: the hook quantizing ``ckpt`` (writing an export), the export reloaded
+    through the hook, and plain mmdet (no hook) on its --to-float conversion."""
     from mmengine.config import Config
     from mmengine.runner import Runner
-    torch.set_num_threads(1)
     cfg_path = osp.join(ROOT, 'configs/detectors/retinanet_r18q_synth_voc.py')
-    src_sha = sha(ckpt)
-    q = str(tmp_path / 'q.pth')
+    q, f = str(tmp_path / 'q.pth'), str(tmp_path / 'float.pth')
 
     def run(load_from, hooks, wd):
         cfg = Config.fromfile(cfg_path)
@@ -440,13 +435,28 @@ def test_trained_retinanet_map_reload_and_float(tmp_path):
         for k in ('test_dataloader', 'val_dataloader', 'train_dataloader'):
             cfg[k].num_workers = 0
             cfg[k].persistent_workers = False
+        if indices is not None:
+            cfg.test_dataloader.dataset.indices = indices
         return Runner.from_cfg(cfg).test()
-    m_q = run(ckpt, [dict(type='MultipointQuantHook', export=q)], 'quant')
-    m_r = run(q, [dict(type='MultipointQuantHook')], 'reload')
-    f = str(tmp_path / 'float.pth')
+    out = dict(quantized=run(ckpt, [dict(type='MultipointQuantHook', export=q)], 'quant'))
+    out['reloaded'] = run(q, [dict(type='MultipointQuantHook')], 'reload')
     assert convert_tool.main([cfg_path, q, '--to-float', f]) == 0
-    m_f = run(f, [], 'float')
-    print(f'trained retinanet_r18q mAP: quantized {m_q} reloaded {m_r} to-float {m_f}')
-    assert m_q == m_r
-    assert m_f == m_q
+    out['to_float_plain'] = run(f, [], 'float')
+    out['sizes'] = load_quantized_checkpoint(q)['meta']['mpq']['sizes']
+    return out
+
+
+@pytest.mark.slow
+def test_trained_retinanet_map_reload_and_float(tmp_path):
+    """On the trained checkpoint: quantized mAP == reloaded == plain-mmdet --to-float."""
+    ckpt = osp.join(ROOT, 'data/checkpoints/retinanet_r18q.pth')
+    if not osp.exists(ckpt):
+        pytest.skip(f'{ckpt} is missing (make checkpoints)')
+    src_sha = sha(ckpt)
+    r = map_roundtrip(ckpt, tmp_path)
+    print(f"trained retinanet_r18q mAP: quantized {r['quantized']} reloaded "
+          f"{r['reloaded']} to-float (plain mmdet) {r['to_float_plain']}; "
+          + ex.format_sizes(r['sizes']))
+    assert r['quantized']['pascal_voc/mAP'] > 0
+    assert r['quantized'] == r['reloaded'] == r['to_float_plain']
     assert sha(ckpt) == src_sha
