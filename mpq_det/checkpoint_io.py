@@ -38,3 +38,32 @@ def strip_checkpoint(src: str, dst: str) -> dict:
     out = dict(state_dict=ckpt['state_dict'], meta=meta)
     atomic_save(out, dst)
     return out
+
+
+# torch.save's legacy (non-zip) format starts with pickle protocol 2 and a long
+_LEGACY_MAGIC = b'\x80\x02\x8a\x0a'
+
+
+def check_readable(path: str) -> None:
+    """Fails early, naming ``path``, on a missing, truncated or corrupt checkpoint.
+
+    torch.load's own errors for such files come from deep inside its zip reader. This
+    reads the zip directory and CRCs only (no unpickling).
+    """
+    import zipfile
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'{path}: no such checkpoint file')
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except Exception as e:  # noqa: BLE001  (any reader error means a damaged file)
+            raise ValueError(f'{path}: corrupt checkpoint ({e})') from None
+        if bad is not None:
+            raise ValueError(f'{path}: corrupt checkpoint (bad CRC in {bad})')
+        return
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if head != _LEGACY_MAGIC:
+        raise ValueError(f'{path}: not a PyTorch checkpoint (truncated, corrupt or another '
+                         f'kind of file)')

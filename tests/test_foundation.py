@@ -146,3 +146,20 @@ def test_ssd_head_runs_inference(tiny_data, tmp_path):
     with torch.no_grad():
         out = model.predict(torch.randn(1, 3, 128, 128), [ds])
     assert 'bboxes' in out[0].pred_instances
+
+
+def test_check_readable_names_the_file(tmp_path):
+    from mpq_det.checkpoint_io import check_readable
+    good = str(tmp_path / 'good.pth')
+    torch.save({'state_dict': {'w': torch.ones(3)}}, good)
+    check_readable(good)
+    data = open(good, 'rb').read()
+    cases = {'trunc.pth': data[:len(data) // 2], 'junk.pth': b'hello world' * 10,
+             'flip.pth': data[:40] + bytes([data[40] ^ 0xFF]) + data[41:]}
+    for name, content in cases.items():
+        p = str(tmp_path / name)
+        open(p, 'wb').write(content)
+        with pytest.raises(ValueError, match=name):
+            check_readable(p)
+    with pytest.raises(FileNotFoundError, match='missing.pth'):
+        check_readable(str(tmp_path / 'missing.pth'))

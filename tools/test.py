@@ -9,6 +9,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 import mpq_det  # noqa: F401  (registers the hook, metric and compat fixes)
+from mpq_det.checkpoint_io import check_readable
 from mpq_det.launch import prepare_cfg, set_local_rank
 
 
@@ -31,6 +32,8 @@ def main() -> None:
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     prepare_cfg(cfg, args.launcher, args.work_dir, args.config)
+    if '://' not in args.checkpoint:
+        check_readable(args.checkpoint)  # a clear message instead of torch's zip errors
     cfg.load_from = args.checkpoint
     runner = Runner.from_cfg(cfg)
     if args.out is not None:
