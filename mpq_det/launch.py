@@ -1,11 +1,34 @@
 """Runner set-up shared by tools/train.py and tools/test.py."""
 from __future__ import annotations
 
+import argparse
 import os
 import os.path as osp
 
 import torch
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
+
+
+def tool_parser(description: str, checkpoint: bool) -> argparse.ArgumentParser:
+    """mmdet's tool CLI: CONFIG [CHECKPOINT] --work-dir --cfg-options --launcher."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument('config')
+    if checkpoint:
+        p.add_argument('checkpoint')
+    p.add_argument('--work-dir')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction)
+    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return p
+
+
+def load_tool_cfg(args: argparse.Namespace) -> Config:
+    """The config of a tool's arguments, with --cfg-options and the launcher applied."""
+    set_local_rank(args.local_rank)
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    return prepare_cfg(cfg, args.launcher, args.work_dir, args.config)
 
 
 def prepare_cfg(cfg: Config, launcher: str, work_dir: str | None, config_path: str) -> Config:
