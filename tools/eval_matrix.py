@@ -11,6 +11,7 @@ import os.path as osp
 import subprocess
 import sys
 
+ENV = dict(os.environ)
 RUNS = ('fp', 'mpq_w4', 'mpq_w3', 'mpq_w2', 'rtn_w3', 'mse_w3', 'ocs_w3')
 DETECTORS = ('retinanet_r18q', 'fcos_r18q', 'faster_rcnn_r18q', 'ssdlite_mbv2q')
 
@@ -43,7 +44,7 @@ def run_one(det: str, run: str, ds: str, work_root: str, extra: list) -> dict:
     print('$', ' '.join(cmd), flush=True)
     log = osp.join(work_root, f'{det}_{run}_{ds}.log')
     with open(log, 'w') as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV)
     if rc != 0:
         raise SystemExit(f'{" ".join(cmd)} failed (exit {rc}); see {log}')
     out = json.load(open(osp.join(wd, 'metrics.json')))
@@ -62,7 +63,11 @@ def main() -> None:
     p.add_argument('--work-dir', default='work_dirs/eval_matrix')
     p.add_argument('--out', help='also write the table as markdown here')
     p.add_argument('--cfg-options', nargs='+', default=[], help='passed to every quantized run')
+    p.add_argument('--threads', type=int, default=None,
+                   help='OMP_NUM_THREADS of each run (default: inherit)')
     a = p.parse_args()
+    if a.threads:
+        ENV['OMP_NUM_THREADS'] = str(a.threads)
     rows = []
     for det in a.detectors:
         for run in a.runs:
