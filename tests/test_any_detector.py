@@ -31,7 +31,7 @@ Thresholds (W8, multipoint with the default budget):
 * end to end, relative error of each raw output (all levels concatenated) < 5e-2.
   These random nets have no redundancy, so the independent per-layer errors add in
   quadrature along the ~35-85 quantized layers of a path: sqrt(70) * 0.5% ~ 4%. Plain
-  RTN at W8 measures 4-6% here, and uniform noise of one 8-bit step 5-8%; multipoint's
+  RTN at W8 measures 3-6% here, and uniform noise of one 8-bit step ~8%; multipoint's
   output-error scales give 0.3-2.6% (worst: FCOS). 5e-2 is 2x above what we measure and
   far below what a real error gives; test_output_check_can_fail shows W2 RTN fails it.
 
@@ -41,8 +41,6 @@ one intra-op thread; so none is marked slow.
 from __future__ import annotations
 
 import copy
-import math
-import os
 import os.path as osp
 
 import pytest
