@@ -89,7 +89,7 @@ def collect_layer_stats(cfg: Config, checkpoint: str, num_images: int = 32,
     load_checkpoint(model, checkpoint, map_location='cpu', logger='silent')
     s = QuantSettings()
     plans, _, _ = plan_layers(model, component_of, {c: s for c in ('backbone', 'neck', 'head')})
-    collector = StatsCollector(plans, form='exact', seed=seed)
+    collector = StatsCollector(plans, form='exact', seed=seed, damp=0.0)
     try:
         run_calibration(model, build_calib_loader(cfg, split, num_images, batch_size, seed),
                         show_progress=False)

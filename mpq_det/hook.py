@@ -17,13 +17,23 @@ from mmengine.runner.loops import BaseLoop
 from mmdet.registry import HOOKS
 
 from .calibration import SPLITS, build_calib_loader, run_calibration
-from .model_pass import (QuantResult, QuantSettings, StatsCollector, plan_layers,
+from .model_pass import (QUANTIZABLE, QuantResult, QuantSettings, StatsCollector, plan_layers,
                          quantize_model, summarize)
 from .qstate import apply_quantized_state, quantized_state
 from .quant import DEFAULT_FORM, FORMS
 from .report import format_report
 
 COMPONENTS = ('backbone', 'neck', 'head')
+
+
+def _register_mmcv_wrappers() -> None:
+    """mmcv.cnn's Conv2d/Linear only add empty-batch handling (DETR-family heads use
+    them), so they are quantized like torch's own."""
+    from mmcv.cnn.bricks.wrappers import Conv2d, Linear
+    QUANTIZABLE.update({Conv2d, Linear})
+
+
+_register_mmcv_wrappers()
 SETTING_KEYS = ('bits', 'method', 'budget', 'allocation', 'max_points')
 CALIB_DEFAULTS = dict(split='train', num_images=32, batch_size=4, seed=0)
 

@@ -25,6 +25,15 @@ METHODS = ('multipoint', 'rtn', 'mse', 'ocs')
 ALLOCATIONS = ('global', 'layer')
 # rows of input patches kept per layer per calibration batch; bounds time and memory
 ROWS_PER_BATCH = 1024
+# ridge on H relative to its mean diagonal: layers with fewer rows than d (small
+# feature maps) otherwise get a singular H that prices some weight errors at zero
+DAMP = 0.01
+
+
+# Exact types: a subclass with its own forward (e.g. weight standardization) would
+# not compute what QConv2d/QLinear compute. Callers may register thin wrappers that
+# only change empty-input handling (the hook adds mmcv.cnn's Conv2d/Linear).
+QUANTIZABLE: set[type] = {nn.Conv2d, nn.Linear}
 
 
 @dataclass
@@ -106,7 +115,7 @@ def plan_layers(model: nn.Module, component_of: Callable[[str], str | None],
         comp = component_of(name)
         if comp is None or not name:
             continue
-        is_target = type(m) in (nn.Conv2d, nn.Linear)
+        is_target = type(m) in QUANTIZABLE
         has_weight = isinstance(getattr(m, 'weight', None), nn.Parameter) and not any(
             True for _ in m.children())
         if not is_target:
@@ -131,7 +140,8 @@ class StatsCollector:
     """Forward pre-hooks that accumulate H, activation ranges and output sizes."""
 
     def __init__(self, plans: list[LayerPlan], form: str = DEFAULT_FORM,
-                 rows_per_batch: int = ROWS_PER_BATCH, seed: int = 0, **form_opts):
+                 rows_per_batch: int = ROWS_PER_BATCH, seed: int = 0, damp: float = DAMP,
+                 **form_opts):
         self.rows = rows_per_batch
         self.gen = torch.Generator().manual_seed(seed)
         self.stats: dict[str, LayerStats] = {}
@@ -142,7 +152,7 @@ class StatsCollector:
             d = m.weight[0].numel()
             need_h = p.settings.method in ('multipoint',)
             st = InputStats(d, groups, form=form if need_h else 'identity', **(
-                form_opts if need_h else {}))
+                dict(form_opts, damp=damp) if need_h and form != 'diag' else {}))
             self.stats[p.name] = LayerStats(st)
             self._handles.append(m.register_forward_hook(self._hook(p.name)))
 
@@ -161,7 +171,10 @@ class StatsCollector:
                 rows = linear_rows(x, self.rows, self.gen)
                 ls.out_positions += x.reshape(-1, x.shape[-1]).shape[0]
                 ls.images += 1
-            ls.stats.update(rows)
+            try:
+                ls.stats.update(rows)
+            except ValueError as e:
+                raise ValueError(f'calibration input of layer {name!r}: {e}') from None
         return fn
 
     def remove(self) -> None:
@@ -260,7 +273,7 @@ def summarize(res: QuantResult, model: nn.Module, plans: list[LayerPlan]) -> dic
     for name, m in model.named_modules():
         if name in quantized or isinstance(m, (QConv2d, QLinear)):
             continue
-        if type(m) in (nn.Conv2d, nn.Linear) or (
+        if type(m) in QUANTIZABLE or (
                 isinstance(getattr(m, 'weight', None), nn.Parameter) and m.weight.dim() > 1):
             fp_weights += m.weight.numel()
     total = q_weights + fp_weights

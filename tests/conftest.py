@@ -11,7 +11,8 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: longer tests, excluded from `make test`')
-    torch.set_num_threads(2)
+    # one thread: on 2 shared cores, two threads slow the small test models down a lot
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope='session')

@@ -156,3 +156,18 @@ def test_dict_config_style_and_cfg_options():
     from mmdet.registry import HOOKS
     hook = HOOKS.build(cfg.custom_hooks[0])
     assert hook.base.bits == 3 and hook.base.method == 'multipoint'
+
+
+def test_mmcv_wrappers_are_quantized_and_errors_name_the_layer():
+    from mmcv.cnn import Conv2d as McvConv2d, Linear as McvLinear
+    from mpq_det.hook import component_of
+    from mpq_det.model_pass import QuantSettings, StatsCollector, plan_layers
+    m = nn.Module()
+    m.bbox_head = nn.Sequential(McvConv2d(3, 4, 3), McvLinear(8, 4), nn.Linear(8, 4))
+    plans, skipped, _ = plan_layers(m, component_of, {'head': QuantSettings(bits=8)})
+    assert [p.name for p in plans] == ['bbox_head.0', 'bbox_head.1', 'bbox_head.2']
+    assert skipped == []
+    col = StatsCollector(plans[:1])
+    with pytest.raises(ValueError, match="layer 'bbox_head.0'"):
+        m.bbox_head[0](torch.full((1, 3, 5, 5), float('nan')))
+    col.remove()

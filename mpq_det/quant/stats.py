@@ -38,6 +38,9 @@ from .grid import check_choice, check_positive_int, check_weight
 
 FORMS = ('exact', 'diag', 'block', 'lowrank', 'identity')
 DEFAULT_FORM = 'lowrank'
+# ridge added to H at finalize, relative to its mean diagonal (see InputStats.finalize);
+# 0 keeps H = X^T X / N exactly, the model pass asks for a small one
+DEFAULT_DAMP = 0.0
 DEFAULT_FORM_OPTS = {'block': {'block_size': 64},
                      'lowrank': {'rank': 32, 'dense_max_d': 4096}}
 
@@ -531,17 +534,26 @@ class InputStats:
             raise ValueError('InputStats.finalize: no rows were accumulated (update '
                              'was never called)')
         acc = (self.acc / self.n).float()
+        # With fewer rows than d (e.g. a 1x1 feature map), H is singular and the
+        # search could move error into unseen directions for free. A small ridge,
+        # damp * mean(diag H), keeps those directions priced (as GPTQ's damping).
+        damp = float(self.opts.get('damp', DEFAULT_DAMP))
         if self.form == 'diag':
             return DiagH(acc)
         if self.form == 'block':
-            return BlockH(acc, self.d)
+            eye = torch.eye(self.block_size)
+            mean = torch.diagonal(acc, dim1=-2, dim2=-1).mean((-2, -1), keepdim=True)[..., None]
+            return BlockH(acc + damp * mean * eye, self.d)
         if getattr(self, 'sketch', False):
             k = min(int(self.opts['rank']), self.d)
             e, U = _nystrom(acc, self.omega, k)
             h = (self.diag / self.n).float()
             r = (h - (U * U * e[:, None, :]).sum(-1)).clamp_min(0)
-            return LowRankH(U, e, r)
-        return hform_from_dense(acc, self.form, generator=self.generator, **self.opts)
+            return LowRankH(U, e, r + damp * h.mean(-1, keepdim=True))
+        acc = acc + damp * torch.diagonal(acc, dim1=-2, dim2=-1).mean(-1)[:, None, None] * \
+            torch.eye(self.d)
+        opts = {k: v for k, v in self.opts.items() if k != 'damp'}
+        return hform_from_dense(acc, self.form, generator=self.generator, **opts)
 
 
 def random_correlated_rows(n: int, d: int, groups: int = 1, rank: int = 8,
