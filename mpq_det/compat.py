@@ -30,7 +30,9 @@ def _history_buffer_getattr(obj, name: str):
     import pickle
 
     from mmengine.logging.history_buffer import HistoryBuffer
-    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+    # the four built-ins are registered by the first HistoryBuffer(), maybe not yet
+    allowed = {'min', 'max', 'current', 'mean', *HistoryBuffer._statistics_methods}
+    if obj is HistoryBuffer and name in allowed:
         return getattr(obj, name)
     raise pickle.UnpicklingError(
         f'getattr({getattr(obj, "__name__", type(obj).__name__)}, {name!r}) is not allowed '

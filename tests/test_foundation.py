@@ -108,6 +108,14 @@ def test_training_checkpoint_loads_with_weights_only(trained_ckpt):
     from mmengine.runner.checkpoint import _load_checkpoint
     ckpt = _load_checkpoint(trained_ckpt, map_location='cpu')  # what tools/test.py does
     assert 'message_hub' in ckpt and 'optimizer' in ckpt and 'state_dict' in ckpt
+    # and in a fresh process, where no HistoryBuffer was created yet (tools/test.py)
+    import subprocess
+    import sys
+    code = ('import mpq_det\nfrom mmengine.runner.checkpoint import _load_checkpoint\n'
+            f'print(sorted(_load_checkpoint({trained_ckpt!r}, map_location="cpu")))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 'message_hub' in out.stdout
     # the safety stays on for everything else: an arbitrary global is still refused
     class Evil:
         def __reduce__(self):
