@@ -20,7 +20,7 @@ from .calibration import SPLITS, build_calib_loader, run_calibration
 from .model_pass import (QUANTIZABLE, QuantResult, QuantSettings, StatsCollector, plan_layers,
                          quantize_model, summarize)
 from .qstate import apply_quantized_state, quantized_state
-from .quant import DEFAULT_FORM, FORMS
+from .quant import DEFAULT_FORM, FORMS, check_bits
 from .report import format_report
 
 COMPONENTS = ('backbone', 'neck', 'head')
@@ -54,7 +54,9 @@ class MultipointQuantHook(Hook):
 
     Arguments are DESIGN.md's: ``bits``, ``method``, ``budget``, ``allocation``,
     ``max_points``, ``components``, ``skip``, ``act_bits``, ``calib``, ``export``,
-    ``report``; plus ``h_form`` (the form of the calibration statistic H).
+    ``report``; plus ``h_form`` (the form of the calibration statistic H) and
+    ``layer_bits`` ({glob: bits}, e.g. ``{'backbone.conv1': 8, '*.retina_reg': 8}``:
+    the usual detection-PTQ choice of 8-bit first and last layers).
 
     It quantizes in ``before_test`` (and ``before_val`` of a standalone
     ``runner.val()``), i.e. after the checkpoint is loaded. Validation during training
@@ -70,12 +72,13 @@ class MultipointQuantHook(Hook):
                  components: dict | None = None, skip: Sequence[str] = (),
                  act_bits: int | None = None, calib: dict | None = None,
                  export: str | None = None, report: bool = True,
-                 h_form: str = DEFAULT_FORM, **unknown: Any) -> None:
+                 h_form: str = DEFAULT_FORM, layer_bits: dict | None = None,
+                 **unknown: Any) -> None:
         if unknown:
             raise ValueError(
                 f'MultipointQuantHook got unknown argument(s) {sorted(unknown)}; allowed: '
                 f'bits, method, budget, allocation, max_points, components, skip, '
-                f'act_bits, calib, export, report, h_form')
+                f'act_bits, calib, export, report, h_form, layer_bits')
         self.base = QuantSettings(bits, method, budget, allocation, max_points)
         self.components = self._parse_components(components)
         if isinstance(skip, str) or not all(isinstance(g, str) for g in skip):
@@ -84,6 +87,10 @@ class MultipointQuantHook(Hook):
         if act_bits is not None and (not isinstance(act_bits, int) or not 2 <= act_bits <= 8):
             raise ValueError(f'act_bits={act_bits!r} is not allowed; use None or an int in 2..8')
         self.act_bits = act_bits
+        if layer_bits is not None and not isinstance(layer_bits, dict):
+            raise ValueError(f'layer_bits={layer_bits!r} must be a dict {{glob: bits}}')
+        self.layer_bits = {str(g): check_bits(b, f'layer_bits[{g!r}]')
+                           for g, b in (layer_bits or {}).items()}
         self.calib = self._parse_calib(calib)
         if h_form not in FORMS:
             raise ValueError(f'h_form={h_form!r} is not allowed; choose one of {tuple(FORMS)}')
@@ -153,7 +160,8 @@ class MultipointQuantHook(Hook):
                     components={c: (None if s is None else {k: getattr(s, k)
                                                             for k in SETTING_KEYS})
                                 for c, s in self.components.items()},
-                    pools=self.pools, skip=self.skip, act_bits=self.act_bits,
+                    pools=self.pools, skip=self.skip, layer_bits=self.layer_bits,
+                    act_bits=self.act_bits,
                     calib=self.calib, h_form=self.h_form)
 
     @staticmethod
@@ -221,9 +229,10 @@ class MultipointQuantHook(Hook):
         if is_main_process():
             loader = build_calib_loader(runner.cfg, **self.calib)
             plans, skipped, unmatched = plan_layers(model, component_of, self.components,
-                                                    self.skip, self.pools)
+                                                    self.skip, self.pools, self.layer_bits)
             for g in unmatched:
-                logger.warning(f'MultipointQuantHook: skip glob {g!r} matches no layer')
+                logger.warning(f'MultipointQuantHook: skip/layer_bits glob {g!r} matches no '
+                               f'layer')
             collector = StatsCollector(plans, form=self.h_form, seed=self.calib['seed'])
             try:
                 logger.info(f'MultipointQuantHook: calibrating {len(plans)} layers on '

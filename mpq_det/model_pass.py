@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
@@ -99,17 +99,20 @@ def weight_2d(m: nn.Module) -> Tensor:
 
 def plan_layers(model: nn.Module, component_of: Callable[[str], str | None],
                 components: dict[str, QuantSettings | None], skip: Iterable[str] = (),
-                pools: dict[str, str] | None = None) -> tuple[list[LayerPlan], list[Skipped],
-                                                               list[str]]:
+                pools: dict[str, str] | None = None, layer_bits: dict[str, int] | None = None
+                ) -> tuple[list[LayerPlan], list[Skipped], list[str]]:
     """Chooses the layers to quantize.
 
     ``component_of(name)`` maps a module name to its component (or None: not part of
     any). ``components[c]`` is the settings of component c, or None for floating
-    point. Returns (plans, skipped layers with reasons, skip globs that matched nothing).
+    point. ``layer_bits`` maps fnmatch globs to the bits of the layers they match (the
+    first match wins), e.g. the stem and the last head convs at 8 bits. Returns (plans,
+    skipped layers with reasons, skip/layer_bits globs that matched nothing).
     """
     pools = pools or {}
     skip = list(skip)
-    matched = {g: False for g in skip}
+    layer_bits = dict(layer_bits or {})
+    matched = {g: False for g in [*skip, *layer_bits]}
     plans, skipped = [], []
     for name, m in model.named_modules():
         comp = component_of(name)
@@ -132,6 +135,11 @@ def plan_layers(model: nn.Module, component_of: Callable[[str], str | None],
         if settings is None:
             skipped.append(Skipped(name, comp, f'component {comp!r} is kept in floating point'))
             continue
+        for g, bits in layer_bits.items():
+            if fnmatch.fnmatchcase(name, g):
+                matched[g] = True
+                settings = replace(settings, bits=bits)
+                break
         plans.append(LayerPlan(name, m, comp, settings, pools.get(comp, 'model')))
     return plans, skipped, [g for g, hit in matched.items() if not hit]
 
@@ -277,7 +285,9 @@ def summarize(res: QuantResult, model: nn.Module, plans: list[LayerPlan]) -> dic
                 isinstance(getattr(m, 'weight', None), nn.Parameter) and m.weight.dim() > 1):
             fp_weights += m.weight.numel()
     total = q_weights + fp_weights
-    extra = sum(r['stored_weights'] - r['weights'] for r in res.layers)
+    # storage in bits, so that layers of different bits weigh what they cost
+    extra = sum(r['bits'] * (r['stored_weights'] - r['weights']) for r in res.layers)
+    q_storage = sum(r['bits'] * r['weights'] for r in res.layers)
     macs = sum(r['macs_per_image'] for r in res.layers)
     extra_macs = sum(r['macs_per_image'] * r['compute_overhead'] for r in res.layers)
     return dict(
@@ -285,7 +295,7 @@ def summarize(res: QuantResult, model: nn.Module, plans: list[LayerPlan]) -> dic
         quantized_weights=q_weights, fp_weights=fp_weights,
         bits_per_weight=(q_bits + 32 * fp_weights) / max(total, 1),
         bits_per_quantized_weight=q_bits / max(q_weights, 1),
-        memory_overhead=extra / max(q_weights, 1),
+        memory_overhead=extra / max(q_storage, 1),
         compute_overhead=extra_macs / max(macs, 1),
     )
 

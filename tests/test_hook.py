@@ -171,3 +171,19 @@ def test_mmcv_wrappers_are_quantized_and_errors_name_the_layer():
     with pytest.raises(ValueError, match="layer 'bbox_head.0'"):
         m.bbox_head[0](torch.full((1, 3, 5, 5), float('nan')))
     col.remove()
+
+
+def test_layer_bits_overrides_matching_layers():
+    from mpq_det.hook import component_of
+    from mpq_det.model_pass import QuantSettings, plan_layers
+    m = nn.Module()
+    m.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    m.bbox_head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 8, 1))
+    s = QuantSettings(bits=3)
+    plans, _, unmatched = plan_layers(m, component_of, {'backbone': s, 'head': s},
+                                      layer_bits={'backbone.0': 8, 'bbox_head.1': 6, 'x.*': 8})
+    assert {p.name: p.settings.bits for p in plans} == {
+        'backbone.0': 8, 'backbone.1': 3, 'bbox_head.0': 3, 'bbox_head.1': 6}
+    assert unmatched == ['x.*']
+    with pytest.raises(ValueError, match=r"layer_bits\['a'\]"):
+        MultipointQuantHook(layer_bits={'a': 12})

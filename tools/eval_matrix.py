@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 ENV = dict(os.environ)
-RUNS = ('fp', 'mpq_w4', 'mpq_w3', 'mpq_w2', 'rtn_w3', 'mse_w3', 'ocs_w3')
+RUNS = ('fp', 'mpq_w4', 'mpq_w3', 'mpq_w2', 'rtn_w3', 'mse_w3', 'ocs_w3', 'mpq_w3_fl8', 'rtn_w3_fl8')
 DETECTORS = ('retinanet_r18q', 'fcos_r18q', 'faster_rcnn_r18q', 'ssdlite_mbv2q')
 
 
