@@ -42,6 +42,7 @@ def run_one(det: str, run: str, ds: str, work_root: str, extra: list) -> dict:
     cmd = [sys.executable, 'tools/test.py', config,
            f'data/checkpoints/{det}.pth', '--work-dir', wd] + extra
     print('$', ' '.join(cmd), flush=True)
+    os.makedirs(work_root, exist_ok=True)
     log = osp.join(work_root, f'{det}_{run}_{ds}.log')
     with open(log, 'w') as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV)
