@@ -48,3 +48,15 @@ def tiny_cfg(config: str, data: str, work_dir: str, img_scale=(128, 128)):
     cfg.default_hooks.visualization = dict(type='DetVisualizationHook')
     cfg.default_hooks.logger.interval = 1
     return cfg
+
+
+def save_random_checkpoint(cfg, path: str, meta: dict | None = None, seed: int = 0):
+    """Builds cfg.model with a seeded random init, saves it as a float checkpoint."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmdet')
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    torch.save({'state_dict': model.state_dict(), 'meta': meta or {}}, path)
+    return model

@@ -27,7 +27,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ROOT, tiny_cfg
+from conftest import ROOT, save_random_checkpoint, tiny_cfg
 
 CFG = 'configs/detectors/retinanet_r18q_synth_voc.py'
 TIMEOUT = 600
@@ -73,8 +73,6 @@ def _free_port() -> int:
 @pytest.fixture(scope='module')
 def setup(tiny_data, tmp_path_factory):
     """A dumped config (hook + sha hook + tiny data) and a random-init checkpoint."""
-    from mmdet.registry import MODELS
-    from mmengine.registry import init_default_scope
     tmp = tmp_path_factory.mktemp('dist')
     (tmp / 'quant_sha_hook.py').write_text(SHA_HOOK)
     cfg = tiny_cfg(CFG, tiny_data, str(tmp / 'unused'))
@@ -92,12 +90,8 @@ def setup(tiny_data, tmp_path_factory):
     config = str(tmp / 'retinanet_dist.py')
     cfg.dump(config)
 
-    init_default_scope('mmdet')
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
     ckpt = str(tmp / 'float.pth')
-    torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
+    save_random_checkpoint(cfg, ckpt)
     return tmp, config, ckpt
 
 

@@ -26,7 +26,7 @@ from mpq_det.export import (QuantizedCheckpointError, RequiresMultipointQuantHoo
                             sample_inputs, save_quantized_checkpoint)
 from mpq_det.modules import QConv2d, QLinear
 
-from conftest import ROOT, tiny_cfg
+from conftest import ROOT, save_random_checkpoint, tiny_cfg
 
 
 
@@ -93,8 +93,6 @@ def one_thread():
 @pytest.fixture(scope='module', params=DETECTORS)
 def exported(request, tiny_data, tmp_path_factory):
     """Quantized in memory by the hook (export=...) during Runner.test()."""
-    from mmdet.registry import MODELS
-    from mmengine.registry import init_default_scope
     from mmengine.runner import Runner
     name = request.param
     wd = tmp_path_factory.mktemp(name)
@@ -103,13 +101,9 @@ def exported(request, tiny_data, tmp_path_factory):
     dumped = copy.deepcopy(cfg)
     dumped.custom_hooks = [dict(type='MultipointQuantHook', calib=CALIB)]
     dumped.dump(cfg_path)
-    init_default_scope('mmdet')
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
     src = str(wd / 'float.pth')
     dataset_meta = dict(classes=('a', 'b'), note='from the source')
-    torch.save({'state_dict': model.state_dict(), 'meta': {'dataset_meta': dataset_meta}}, src)
+    model = save_random_checkpoint(cfg, src, {'dataset_meta': dataset_meta})
     qpath = str(wd / 'quantized.pth')
     run_cfg = copy.deepcopy(cfg)
     run_cfg.load_from = src
