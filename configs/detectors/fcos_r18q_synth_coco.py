@@ -2,5 +2,5 @@
 # VOC mAP (_voc) or COCO mAP (_coco): both configs share images, classes and model.
 _base_ = [
     '../_base_/models/fcos_r18q_fpn.py', '../_base_/datasets/synth_coco.py',
-    '../_base_/schedules/synth_schedule_8e.py', '../_base_/default_runtime.py'
+    '../_base_/schedules/synth_schedule.py', '../_base_/default_runtime.py'
 ]

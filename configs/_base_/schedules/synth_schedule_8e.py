@@ -1,4 +1,4 @@
-# 8 epochs: the families that are slower per step on 2 CPU cores.
+# 8 epochs: Faster R-CNN, slower per step on 2 CPU cores.
 _base_ = ['./synth_schedule.py']
 max_epochs = 8
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
