@@ -60,3 +60,7 @@ def save_random_checkpoint(cfg, path: str, meta: dict | None = None, seed: int =
     model.init_weights()
     torch.save({'state_dict': model.state_dict(), 'meta': meta or {}}, path)
     return model
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

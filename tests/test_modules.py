@@ -10,17 +10,7 @@ from mpq_det.modules import QConv2d, QLinear
 from mpq_det.quant import (greedy_multipoint, ocs, random_hform, rtn_qw,
                            select_points)
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+from conftest import gen
 
 
 def multipoint_qw(W2d, bits=3, seed=0):

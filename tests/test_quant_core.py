@@ -15,18 +15,7 @@ from mpq_det.quant import (DEFAULT_FORM, FORMS, ExactH, InputStats, allocate,
                            unpack_codes)
 from mpq_det.quant.multipoint import QuantizedWeight
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # tiny tensors: one thread avoids barrier stalls on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+from conftest import gen
 
 
 def layer(C=48, d=72, seed=0, form='exact', groups=1):
