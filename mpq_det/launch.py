@@ -56,3 +56,16 @@ def prepare_cfg(cfg: Config, launcher: str, work_dir: str | None, config_path: s
 def set_local_rank(local_rank: int) -> None:
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(local_rank)
+
+
+def finish() -> None:
+    """Ends a distributed run cleanly.
+
+    Without it, gloo's threads can still be running at interpreter exit, and rank 0
+    then aborts ('terminate called without an active exception') after the results
+    are already written.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -12,7 +12,7 @@ from mmengine.runner import Runner
 
 import mpq_det  # noqa: F401  (registers the hook, metric and compat fixes)
 from mpq_det.checkpoint_io import check_readable
-from mpq_det.launch import load_tool_cfg, tool_parser
+from mpq_det.launch import finish, load_tool_cfg, tool_parser
 
 
 def main() -> None:
@@ -35,6 +35,7 @@ def main() -> None:
         with open(osp.join(runner.work_dir, 'metrics.json'), 'w') as f:
             json.dump({k: float(v) for k, v in (metrics or {}).items()
                        if isinstance(v, (int, float))}, f, indent=1)
+    finish()
 
 
 if __name__ == '__main__':

@@ -2,7 +2,7 @@
 from mmengine.runner import Runner
 
 import mpq_det  # noqa: F401  (registers the hook, metric and compat fixes)
-from mpq_det.launch import load_tool_cfg, tool_parser
+from mpq_det.launch import finish, load_tool_cfg, tool_parser
 
 
 def main() -> None:
@@ -15,6 +15,7 @@ def main() -> None:
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
     Runner.from_cfg(cfg).train()
+    finish()
 
 
 if __name__ == '__main__':
