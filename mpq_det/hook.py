@@ -6,6 +6,7 @@ import json
 import os
 import os.path as osp
 import time
+from dataclasses import asdict, replace
 from typing import Any, Sequence
 
 import torch
@@ -36,6 +37,12 @@ def _register_mmcv_wrappers() -> None:
 _register_mmcv_wrappers()
 SETTING_KEYS = ('bits', 'method', 'budget', 'allocation', 'max_points')
 CALIB_DEFAULTS = dict(split='train', num_images=32, batch_size=4, seed=0)
+
+
+def _check_keys(where: str, given: dict, allowed: tuple) -> None:
+    bad = set(given) - set(allowed)
+    if bad:
+        raise ValueError(f'{where}: unknown key(s) {sorted(bad)}; allowed: {allowed}')
 
 
 def component_of(name: str) -> str | None:
@@ -124,13 +131,8 @@ class MultipointQuantHook(Hook):
                 continue
             if not isinstance(over, dict):
                 raise ValueError(f'components[{comp!r}] must be a dict of overrides or None')
-            bad = set(over) - set(SETTING_KEYS)
-            if bad:
-                raise ValueError(f'components[{comp!r}]: unknown key(s) {sorted(bad)}; '
-                                 f'allowed: {SETTING_KEYS}')
-            merged = {k: getattr(self.base, k) for k in SETTING_KEYS}
-            merged.update(over)
-            out[comp] = QuantSettings(**merged)
+            _check_keys(f'components[{comp!r}]', over, SETTING_KEYS)
+            out[comp] = replace(self.base, **over)  # validated again by __post_init__
             if 'budget' in over:  # a component with its own budget pools its own
                 self.pools[comp] = comp
         return out
@@ -142,10 +144,7 @@ class MultipointQuantHook(Hook):
             return out
         if not isinstance(calib, dict):
             raise ValueError(f'calib={calib!r} must be a dict with keys {tuple(CALIB_DEFAULTS)}')
-        bad = set(calib) - set(CALIB_DEFAULTS)
-        if bad:
-            raise ValueError(f'calib: unknown key(s) {sorted(bad)}; allowed: '
-                             f'{tuple(CALIB_DEFAULTS)}')
+        _check_keys('calib', calib, tuple(CALIB_DEFAULTS))
         out.update(calib)
         if out['split'] not in SPLITS:
             raise ValueError(f"calib.split={out['split']!r} is not allowed; choose one of {SPLITS}")
@@ -156,9 +155,8 @@ class MultipointQuantHook(Hook):
 
     def settings(self) -> dict:
         """Everything that decides the quantized weights (stored in exports)."""
-        return dict(base={k: getattr(self.base, k) for k in SETTING_KEYS},
-                    components={c: (None if s is None else {k: getattr(s, k)
-                                                            for k in SETTING_KEYS})
+        return dict(base=asdict(self.base),
+                    components={c: None if s is None else asdict(s)
                                 for c, s in self.components.items()},
                     pools=self.pools, skip=self.skip, layer_bits=self.layer_bits,
                     act_bits=self.act_bits,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
@@ -54,10 +54,6 @@ class QuantSettings:
             raise ValueError(
                 f'allocation={self.allocation!r} is not allowed; choose one of {ALLOCATIONS}')
         check_max_points(self.max_points)
-
-    @property
-    def uses_points(self) -> bool:
-        return self.method in ('multipoint', 'ocs')
 
 
 @dataclass
@@ -298,7 +294,3 @@ def summarize(res: QuantResult, model: nn.Module, plans: list[LayerPlan]) -> dic
         memory_overhead=extra / max(q_storage, 1),
         compute_overhead=extra_macs / max(macs, 1),
     )
-
-
-def settings_dict(s: QuantSettings | None) -> dict | None:
-    return None if s is None else asdict(s)
