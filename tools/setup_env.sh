@@ -4,13 +4,16 @@
 # Every step checks its result, so a half-installed venv is never taken for a good one.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-VENV="${MPQ_VENV:-$ROOT/.venv}"
-CACHE="${MPQ_CACHE:-$HOME/.cache/mpq-det}"
+# Resolved to absolute paths once, here: later steps cd into the mmcv sdist, where
+# a relative path would point nowhere.
+abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+VENV="$(abspath "${MPQ_VENV:-$ROOT/.venv}")"
+CACHE="$(abspath "${MPQ_CACHE:-$HOME/.cache/mpq-det}")"
 PY="$VENV/bin/python"
 MMCV_VERSION=2.1.0
 
 # mmdet itself imports mmcv, so the base check only locates it.
-BASE_CHECK="import importlib.util as u, torch, torchvision, mmengine, pycocotools, numpy; assert numpy.__version__ < '2'; assert u.find_spec('mmdet')"
+BASE_CHECK="import importlib.util as u, torch, torchvision, mmengine, pycocotools, numpy, matplotlib, onnx, onnxruntime, optimum.quanto; assert numpy.__version__ < '2'; assert u.find_spec('mmdet')"
 # pip on these machines warns about every absent local index; keep the log readable.
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # pip on these machines lists every absent local index location; drop those lines
@@ -33,7 +36,7 @@ if [ ! -f "$VENV/.mpq_base_ok" ] || ! "$PY" -c "$BASE_CHECK" 2>/dev/null; then
   pip_ install -q --upgrade "pip<26" "setuptools<70" wheel || fail base "pip/setuptools upgrade"
   pip_ install -q torch==2.14.1 torchvision==0.29.1 "numpy<2" || fail base "torch install"
   pip_ install -q "numpy<2" mmengine==0.10.7 mmdet==3.3.0 pycocotools "opencv-python-headless<4.11" \
-      pytest ninja "optimum-quanto==0.2.7" onnx onnxruntime || fail base "mmengine/mmdet install"
+      pytest ninja "optimum-quanto==0.2.7" onnx onnxruntime matplotlib || fail base "mmengine/mmdet install"
   "$PY" -c "$BASE_CHECK" \
       || fail base "imports after install"
   touch "$VENV/.mpq_base_ok"
