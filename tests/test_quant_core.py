@@ -367,15 +367,29 @@ def test_multipoint_quantize_budget_zero_single_point():
 
 
 # --------------------------------------------------------------------- baselines
-def test_mse_not_worse_than_rtn_in_weight_space():
-    W, _ = layer(seed=13)
+def test_mse_clip_is_the_grid_minimum_and_clips_heavy_tails():
+    """mse_clip returns, per channel, the grid ratio of least weight MSE (checked by
+    brute force), and on heavy-tailed rows that ratio is below 1 (it clips)."""
+    g = gen(13)
+    # Laplace-like rows with a few large entries: where clipping pays off
+    W = torch.distributions.Laplace(0.0, 1.0).sample((32, 64)) * (torch.rand(32, 1, generator=g) + 0.1)
+    grid = torch.linspace(1.0, 0.2, 81)
     for bits in (2, 3, 4):
-        s, q = rtn(W, bits)
-        sm, qm = mse_clip(W, bits)
-        e_r = ((W - s[:, None] * q.float()) ** 2).sum(1)
+        Q = qmax(bits)
+        sm, qm = mse_clip(W, bits, grid)
+        m = W.abs().amax(1)
+        errs = torch.stack([((W - (m * r / Q)[:, None] * torch.clamp(
+            torch.round(W / (m * r / Q)[:, None]), -Q, Q)) ** 2).sum(1) for r in grid.tolist()])
+        best = errs.min(0)
         e_m = ((W - sm[:, None] * qm.float()) ** 2).sum(1)
-        assert bool((e_m <= e_r * (1 + 1e-6)).all())
-        assert int(q.abs().max()) <= qmax(bits)
+        torch.testing.assert_close(e_m, best.values, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(sm, m * grid[best.indices] / Q, rtol=1e-6, atol=0)
+        s, q = rtn(W, bits)
+        e_r = ((W - s[:, None] * q.float()) ** 2).sum(1)
+        # clipping wins clearly on these rows: most channels get a ratio below 1
+        assert float((sm < s * (1 - 1e-3)).float().mean()) > 0.5, bits
+        assert float(e_m.sum()) < 0.9 * float(e_r.sum()), bits
+        assert int(qm.abs().max()) <= Q
 
 
 @pytest.mark.parametrize('ratio', [0.0, 0.05, 0.1, 0.5])
@@ -459,11 +473,26 @@ def test_lowrank_sketch_for_large_d():
     assert err_sketch < max(3 * err_dense, 0.05)
 
 
-def test_num_threads_restored():
+def test_num_threads_set_during_the_pass_and_restored(monkeypatch):
+    import mpq_det.quant.allocation as alloc
     L = layers(n=2, seed=16)
-    torch.set_num_threads(1)
-    multipoint_quantize([w for w, _ in L], [h for _, h in L], 4, 0.1, num_threads=1)
-    assert torch.get_num_threads() == 1
+    seen = []
+    real = alloc.greedy_multipoint
+    monkeypatch.setattr(alloc, 'greedy_multipoint',
+                        lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        multipoint_quantize([w for w, _ in L], [h for _, h in L], 4, 0.1, num_threads=1,
+                            lazy=False)
+        assert seen and set(seen) == {1}            # the pass ran on 1 thread
+        assert torch.get_num_threads() == 2         # and the caller's 2 came back
+        seen.clear()
+        multipoint_quantize([w for w, _ in L], [h for _, h in L], 4, 0.1, num_threads=None,
+                            lazy=False)
+        assert set(seen) == {2}                     # None: the caller's threads
+    finally:
+        torch.set_num_threads(before)
     with pytest.raises(ValueError, match='num_threads'):
         multipoint_quantize([w for w, _ in L], [h for _, h in L], 4, 0.1,
                             num_threads=0)
