@@ -24,6 +24,16 @@ def tiny_data(tmp_path_factory) -> str:
     return out
 
 
+@pytest.fixture(scope='session')
+def synth_data() -> str:
+    """The README's synthetic dataset in data/synth, generated when missing (as
+    `make data` does), so that its time counts in the suite's."""
+    from mpq_det.datasets.synth import ensure_synth_dataset
+    out = osp.join(ROOT, 'data', 'synth')
+    ensure_synth_dataset(out, log=lambda *a: None)
+    return out
+
+
 def tiny_cfg(config: str, data: str, work_dir: str, img_scale=(128, 128)):
     """A repo config pointed at the tiny dataset, with small images and no workers."""
     from mmengine.config import Config

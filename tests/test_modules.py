@@ -21,6 +21,10 @@ def multipoint_qw(W2d, bits=3, seed=0):
     return select_points(ps, n)
 
 
+def rel_fro(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
 def rel_diff(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
@@ -61,7 +65,13 @@ def test_conv_forwards_agree(cfg):
         q.mode = 'expanded'
         y2 = q(x)
     assert y1.shape == y_ref.shape == y_fp.shape
-    assert rel_diff(y1, y_fp) < 0.5        # 3-bit, 1-3 points: near the float conv
+    # 3-bit, 1-3 points: measured 0.065-0.103 relative (Frobenius) error against the
+    # float conv, where one-point 3-bit rtn gives 0.113-0.170
+    rtn_q = QConv2d.from_float(m, rtn_qw(m.weight.detach().reshape(m.out_channels, -1), 3))
+    with torch.no_grad():
+        e_rtn = rel_fro(rtn_q(x), y_fp)
+    assert rel_fro(y1, y_fp) < 0.13
+    assert rel_fro(y1, y_fp) < 0.9 * e_rtn
     assert rel_diff(y1, y_ref) <= 1e-5
     assert rel_diff(y2, y1) <= 1e-4
     assert int(q.npoints.sum()) > m.out_channels     # there are extra points
@@ -108,13 +118,13 @@ def test_ocs_module_function():
         y2 = q(x)
         y_fp = m(x)
     assert rel_diff(y2, y) <= 1e-4
-    assert rel_diff(y, y_fp) < 0.05           # 8-bit OCS is close to float
+    assert rel_diff(y, y_fp) < 0.01           # 8-bit OCS: measured 0.0038
     lin = nn.Linear(10, 4)
     qwl, idl = ocs(lin.weight.detach(), 8, 0.3)
     ql = QLinear.from_float(lin, qwl, in_index=idl)
     xl = torch.randn(3, 10, generator=gen(4))
     with torch.no_grad():
-        assert rel_diff(ql(xl), lin(xl)) < 0.05
+        assert rel_diff(ql(xl), lin(xl)) < 0.01   # measured 0.0047
     with pytest.raises(ValueError, match='groups'):
         QConv2d.from_float(nn.Conv2d(4, 4, 3, groups=2),
                            rtn_qw(torch.randn(4, 2 * 2 * 9), 4),

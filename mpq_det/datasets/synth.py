@@ -177,3 +177,18 @@ def make_synth_dataset(out_dir: str, spec: SynthSpec | None = None, log=print) -
     with open(osp.join(out_dir, 'SPEC.json'), 'w') as f:
         json.dump(spec.__dict__, f)
     return counts
+
+
+def ensure_synth_dataset(out_dir: str, spec: SynthSpec | None = None, force: bool = False,
+                         log=print) -> bool:
+    """Writes the dataset unless ``out_dir`` already holds this spec's (its SPEC.json
+    is written last, so an interrupted run is redone). Returns whether it wrote."""
+    spec = spec or SynthSpec()
+    done = osp.join(out_dir, 'SPEC.json')
+    if not force and osp.exists(done):
+        with open(done) as f:
+            if json.load(f) == spec.__dict__:
+                log(f'{out_dir} already holds this dataset ({spec}); use --force to rewrite')
+                return False
+    make_synth_dataset(out_dir, spec, log)
+    return True
