@@ -22,7 +22,7 @@ from .model_pass import (QUANTIZABLE, QuantResult, QuantSettings, StatsCollector
                          quantize_model, summarize)
 from .qstate import apply_quantized_state, quantized_state
 from .quant import DEFAULT_FORM, FORMS, check_bits
-from .report import format_report
+from .report import format_report, plot_report
 
 COMPONENTS = ('backbone', 'neck', 'head')
 
@@ -174,6 +174,20 @@ class MultipointQuantHook(Hook):
                 notes.add(f'{p.name}: OCS cannot split a grouped conv; quantized with rtn')
         return sorted(notes)
 
+    def _plot(self, work_dir: str, logger) -> None:
+        """mpq_report.png next to the JSON; a plotting failure only warns, since the
+        quantized model is what the user came for."""
+        path = osp.join(work_dir, 'mpq_report.png')
+        s = self.result.summary
+        title = (f'{len(self.result.layers)} layers, {s.get("bits_per_weight", 0):.3f} bits/weight, '
+                 f'memory +{s.get("memory_overhead", 0):.1%}, compute '
+                 f'+{s.get("compute_overhead", 0):.1%}')
+        try:
+            plot_report(self.result.layers, path, title)
+        except Exception as e:  # noqa: BLE001  (any backend or font failure)
+            logger.warning(f'MultipointQuantHook: could not draw {path}: {e!r}; the '
+                           f'quantization and mpq_report.json are unaffected')
+
     # ---- mmengine hook points ------------------------------------------------------
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         from .export import is_quantized_checkpoint, prepare_model_for_export
@@ -262,6 +276,7 @@ class MultipointQuantHook(Hook):
                 json.dump(dict(layers=self.result.layers,
                                skipped=[vars(s) for s in self.result.skipped],
                                summary=self.result.summary), f, indent=1)
+            self._plot(runner.work_dir, logger)
         if self.export and is_main_process():
             from .export import save_quantized_checkpoint
             save_quantized_checkpoint(model, self.export, source=runner.cfg.get('load_from'),

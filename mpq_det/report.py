@@ -35,3 +35,56 @@ def format_report(res: QuantResult) -> str:
     notes = s.get('notes') or []
     lines += [f'note: {n}' for n in notes]
     return '\n'.join(lines)
+
+
+def plot_report(layers: list[dict], path: str, title: str = '') -> str:
+    """Draws the per-layer report as a PNG at ``path`` and returns it.
+
+    Per quantized layer, in model order and grouped by component: the points per
+    channel (mean and max), the relative output error after one point and after the
+    final points (log scale), and the bits. ``layers`` are the rows of the report
+    (``QuantResult.layers`` or ``mpq_report.json['layers']``).
+    """
+    import matplotlib
+    matplotlib.use('Agg')  # files only; never a window
+    import matplotlib.pyplot as plt
+    x = list(range(len(layers)))
+    fig, axes = plt.subplots(3, 1, figsize=(max(8.0, 0.22 * len(layers) + 2), 9), sharex=True)
+    ax_p, ax_e, ax_b = axes
+    ax_p.bar(x, [r['points_max'] for r in layers], color='#c6dbef', label='max points')
+    ax_p.bar(x, [r['points_mean'] for r in layers], color='#2171b5', width=0.5,
+             label='mean points')
+    ax_p.set_ylabel('points per channel')
+    ax_p.legend(loc='upper right', fontsize=8)
+    e1 = [r.get('rel_err_1pt') for r in layers]
+    eN = [r.get('rel_err_final') for r in layers]
+    if any(v is not None for v in e1):
+        ax_e.semilogy([i for i, v in zip(x, e1) if v], [v for v in e1 if v], 'o', ms=4,
+                      color='#fb6a4a', label='after 1 point')
+        ax_e.semilogy([i for i, v in zip(x, eN) if v], [v for v in eN if v], 'o', ms=4,
+                      color='#67000d', label='after the final points')
+        ax_e.legend(loc='upper right', fontsize=8)
+    else:
+        ax_e.text(0.5, 0.5, 'no output errors (rtn / mse / ocs)', ha='center',
+                  transform=ax_e.transAxes)
+    ax_e.set_ylabel('relative output error')
+    ax_b.bar(x, [r['bits'] for r in layers], color='#6a51a3')
+    ax_b.set_ylabel('bits')
+    ax_b.set_xlabel('quantized layer (model order)')
+    # component boundaries and names along the top
+    start = 0
+    for i in range(1, len(layers) + 1):
+        if i == len(layers) or layers[i]['component'] != layers[start]['component']:
+            for ax in axes:
+                ax.axvline(i - 0.5, color='grey', lw=0.5)
+            ax_p.text((start + i - 1) / 2, 1.02, layers[start]['component'], ha='center',
+                      transform=ax_p.get_xaxis_transform(), fontsize=9)
+            start = i
+    ax_b.set_xticks(x)
+    ax_b.set_xticklabels([r['name'] for r in layers], rotation=90, fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -187,3 +187,26 @@ def test_layer_bits_overrides_matching_layers():
     assert unmatched == ['x.*']
     with pytest.raises(ValueError, match=r"layer_bits\['a'\]"):
         MultipointQuantHook(layer_bits={'a': 12})
+
+
+def test_report_picture_and_a_broken_backend_only_warns(runner, tmp_path, monkeypatch):
+    r = fresh_runner(runner, tmp_path)
+    MultipointQuantHook(bits=3, calib=dict(num_images=2, batch_size=2)).before_test(r)
+    png = tmp_path / 'mpq_report.png'
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10_000
+    # a plotting failure: a warning, the quantization and the JSON report still done
+    import matplotlib.pyplot as plt
+    from mmengine.logging import MMLogger
+
+    def broken(*a, **k):
+        raise RuntimeError('no backend')
+    monkeypatch.setattr(plt, 'subplots', broken)
+    messages = []
+    monkeypatch.setattr(MMLogger.get_current_instance(), 'warning',
+                        lambda msg, *a, **k: messages.append(msg))
+    wd = tmp_path / 'broken'
+    r = fresh_runner(runner, wd)
+    MultipointQuantHook(bits=3, calib=dict(num_images=2, batch_size=2)).before_test(r)
+    assert any('could not draw' in m and 'no backend' in m for m in messages)
+    assert (wd / 'mpq_report.json').exists() and not (wd / 'mpq_report.png').exists()
+    assert any(isinstance(m, QConv2d) for m in r.model.modules())

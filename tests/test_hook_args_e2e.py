@@ -7,6 +7,7 @@ quantized model. Each test checks what its argument is for, on the model and on 
 report the hook wrote, so that ignoring the argument makes it fail.
 """
 import copy
+import fnmatch
 import json
 import os.path as osp
 
@@ -93,13 +94,16 @@ def test_act_bits(base_cfg, inputs, fp_raw, tmp_path):
 
 
 def test_layer_bits_and_budget_counted_in_bits(base_cfg, tmp_path):
-    lb = {'backbone.conv1': 8, 'bbox_head.retina_cls': 8, 'bbox_head.retina_reg': 6}
+    lb = {'backbone.conv1': 8, 'backbone.layer1.*': 4, 'bbox_head.retina_cls': 8,
+          'bbox_head.retina_reg': 6}
     budget = 0.1
     _, m, rep = run(base_cfg, tmp_path, bits=3, budget=budget, layer_bits=lb)
     q = qlayers(m)
-    want = {n: lb.get(n, 3) for n in q}
+    want = {n: next((b for g, b in lb.items() if fnmatch.fnmatchcase(n, g)), 3) for n in q}
     assert {n: l.bits for n, l in q.items()} == want
     assert {r['name']: r['bits'] for r in rep['layers']} == want
+    # points went to layers of different bits, so weights and bits would disagree
+    assert len({r['bits'] for r in rep['layers'] if r['stored_weights'] > r['weights']}) >= 2
     s = rep['summary']
     mem = overhead_in_bits(rep['layers'])
     assert s['memory_overhead'] == pytest.approx(mem, rel=1e-9)
