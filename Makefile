@@ -20,7 +20,7 @@ data/checkpoints/%.pth:
 checkpoints: data $(DETECTORS:%=data/checkpoints/%.pth)
 
 demo: data data/checkpoints/$(DEMO).pth
-	$(PY) tools/eval_matrix.py --detectors $(DEMO) --runs fp mpq_w4 mpq_w3
+	$(PY) tools/demo.py --detector $(DEMO)
 
 test: setup
 	$(PY) -m pytest -q tests -m "not slow"

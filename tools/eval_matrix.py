@@ -1,6 +1,6 @@
 """Run tools/test.py over detectors x settings x {VOC, COCO} and print one table.
 
-The main demo is ``tools/eval_matrix.py --detectors retinanet_r18q --runs fp mpq_w4 mpq_w3``.
+The main demo (`make demo`, tools/demo.py) runs it for FP, W4 and W3, then exports and reloads.
 Every figure in the table is read back from the run's own outputs
 (``metrics.json`` written by tools/test.py, ``mpq_report.json`` written by the hook).
 """
@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import os.path as osp
+import re
 import subprocess
 import sys
 
@@ -30,8 +31,41 @@ test_evaluator = [{{{{_base_.test_evaluator}}}},
 """
 
 
-def run_one(det: str, run: str, ds: str, work_root: str, extra: list) -> dict:
-    wd = osp.join(work_root, det, f'{run}_{ds}')
+# what a streamed run shows: progress (calibration bar, test loop) and results
+SHOW = re.compile(r'task/s|Epoch\(test\)|MultipointQuantHook:|bbox_mAP |\| mAP|mAP:|summary:')
+
+
+def _run_logged(cmd: list, log: str, stream: bool) -> int:
+    """Runs cmd with its output in ``log``; with ``stream`` the progress and result
+    lines are also shown as they come."""
+    with open(log, 'wb') as f:
+        if not stream:
+            return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+        pending = b''
+        while True:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            f.write(chunk)
+            pending += chunk
+            *parts, pending = re.split(rb'[\r\n]', pending)
+            for part in parts:
+                text = part.decode(errors='replace')
+                if SHOW.search(text):
+                    end = '\r' if 'task/s' in text else '\n'
+                    print('    ' + text.strip()[-150:], end=end, flush=True)
+        return proc.wait()
+
+
+def run_one(det: str, run: str, ds: str, work_root: str, extra: list,
+            checkpoint: str | None = None, tag: str | None = None,
+            stream: bool = False) -> dict:
+    """tools/test.py of one detector x run x dataset; returns its metrics and, for a
+    quantized run, the hook's report summary. ``checkpoint`` defaults to the committed
+    one; ``tag`` names the work dir (default: the run)."""
+    tag = tag or run
+    wd = osp.join(work_root, det, f'{tag}_{ds}')
     config = config_of(det, run, 'coco' if ds == 'both' else ds)
     if ds == 'both':
         os.makedirs(wd, exist_ok=True)
@@ -40,18 +74,18 @@ def run_one(det: str, run: str, ds: str, work_root: str, extra: list) -> dict:
             f.write(BOTH.format(base=osp.abspath(config)))
         config = config_both
     cmd = [sys.executable, 'tools/test.py', config,
-           f'data/checkpoints/{det}.pth', '--work-dir', wd] + extra
+           checkpoint or f'data/checkpoints/{det}.pth', '--work-dir', wd] + extra
     print('$', ' '.join(cmd), flush=True)
     os.makedirs(work_root, exist_ok=True)
-    log = osp.join(work_root, f'{det}_{run}_{ds}.log')
-    with open(log, 'w') as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV)
+    log = osp.join(work_root, f'{det}_{tag}_{ds}.log')
+    rc = _run_logged(cmd, log, stream)
     if rc != 0:
         raise SystemExit(f'{" ".join(cmd)} failed (exit {rc}); see {log}')
     out = json.load(open(osp.join(wd, 'metrics.json')))
     rep = osp.join(wd, 'mpq_report.json')
     if run != 'fp' and osp.exists(rep):
         out['summary'] = json.load(open(rep))['summary']
+    out['work_dir'] = wd
     return out
 
 
