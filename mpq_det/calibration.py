@@ -82,7 +82,7 @@ def collect_layer_stats(cfg: Config, checkpoint: str, num_images: int = 32,
     from mmengine.registry import init_default_scope
     from mmengine.runner import load_checkpoint
 
-    from .hook import component_of
+    from .components import component_of
     from .model_pass import QuantSettings, StatsCollector, plan_layers
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     model = MODELS.build(cfg.model)

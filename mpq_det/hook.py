@@ -17,14 +17,15 @@ from mmengine.model import is_model_wrapper
 from mmengine.runner.loops import BaseLoop
 from mmdet.registry import HOOKS
 
+from .components import COMPONENTS, component_of
 from .calibration import SPLITS, build_calib_loader, run_calibration
 from .model_pass import (QUANTIZABLE, QuantResult, QuantSettings, StatsCollector, plan_layers,
                          quantize_model, summarize)
 from .qstate import apply_quantized_state, quantized_state
 from .quant import DEFAULT_FORM, FORMS, check_bits
+from .quant.allocation import BY
 from .report import format_report, plot_report
 
-COMPONENTS = ('backbone', 'neck', 'head')
 
 
 def _register_mmcv_wrappers() -> None:
@@ -43,16 +44,6 @@ def _check_keys(where: str, given: dict, allowed: tuple) -> None:
     bad = set(given) - set(allowed)
     if bad:
         raise ValueError(f'{where}: unknown key(s) {sorted(bad)}; allowed: {allowed}')
-
-
-def component_of(name: str) -> str | None:
-    """mmdet detectors: backbone, neck, and every ``*head`` child (rpn_head, roi_head ...)."""
-    top = name.split('.', 1)[0]
-    if top in ('backbone', 'neck'):
-        return top
-    if top.endswith('head'):
-        return 'head'
-    return None
 
 
 @HOOKS.register_module()
@@ -80,12 +71,12 @@ class MultipointQuantHook(Hook):
                  act_bits: int | None = None, calib: dict | None = None,
                  export: str | None = None, report: bool = True,
                  h_form: str = DEFAULT_FORM, layer_bits: dict | None = None,
-                 **unknown: Any) -> None:
+                 rank_points_by: str = 'output', **unknown: Any) -> None:
         if unknown:
             raise ValueError(
                 f'MultipointQuantHook got unknown argument(s) {sorted(unknown)}; allowed: '
                 f'bits, method, budget, allocation, max_points, components, skip, '
-                f'act_bits, calib, export, report, h_form, layer_bits')
+                f'act_bits, calib, export, report, h_form, layer_bits, rank_points_by')
         self.base = QuantSettings(bits, method, budget, allocation, max_points)
         self.components = self._parse_components(components)
         if isinstance(skip, str) or not all(isinstance(g, str) for g in skip):
@@ -102,6 +93,10 @@ class MultipointQuantHook(Hook):
         if h_form not in FORMS:
             raise ValueError(f'h_form={h_form!r} is not allowed; choose one of {tuple(FORMS)}')
         self.h_form = h_form
+        if rank_points_by not in BY:
+            raise ValueError(f'rank_points_by={rank_points_by!r} is not allowed; choose one of '
+                             f'{BY}')
+        self.rank_points_by = rank_points_by
         if export is not None and not isinstance(export, str):
             raise ValueError(f'export={export!r} must be a file path or None')
         self.export = export
@@ -160,7 +155,7 @@ class MultipointQuantHook(Hook):
                                 for c, s in self.components.items()},
                     pools=self.pools, skip=self.skip, layer_bits=self.layer_bits,
                     act_bits=self.act_bits,
-                    calib=self.calib, h_form=self.h_form)
+                    calib=self.calib, h_form=self.h_form, rank_points_by=self.rank_points_by)
 
     @staticmethod
     def _notes(plans) -> list[str]:
@@ -253,7 +248,7 @@ class MultipointQuantHook(Hook):
             finally:
                 collector.remove()
             result = quantize_model(model, plans, collector.stats, self.act_bits,
-                                    seed=self.calib['seed'])
+                                    seed=self.calib['seed'], rank_points_by=self.rank_points_by)
             result.skipped = skipped
             result.summary['notes'] = self._notes(plans)
             result.summary.update(summarize(result, model, plans))

@@ -205,8 +205,12 @@ def _quantize_one(p: LayerPlan) -> tuple[QuantizedWeight, Tensor | None]:
 
 def quantize_model(model: nn.Module, plans: list[LayerPlan],
                    stats: dict[str, LayerStats] | None, act_bits: int | None = None,
-                   seed: int = 0) -> QuantResult:
-    """Quantizes the planned layers in place and returns the per-layer report rows."""
+                   seed: int = 0, rank_points_by: str = 'output') -> QuantResult:
+    """Quantizes the planned layers in place and returns the per-layer report rows.
+
+    ``rank_points_by`` decides where extra points go: 'output' (the method: largest
+    drop of output error), or, for the ablation, 'weight' (weight error) or 'random'.
+    """
     t0 = time.perf_counter()
     res = QuantResult()
     qws: dict[str, tuple[QuantizedWeight, Tensor | None]] = {}
@@ -225,7 +229,8 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
         Ws = [weight_2d(p.module) for p in members]
         Hs = [stats[p.name].stats.finalize() for p in members]
         out, pss = multipoint_quantize(Ws, Hs, [p.settings.bits for p in members], s.budget,
-                                       s.allocation, s.max_points, seed=seed)
+                                       s.allocation, s.max_points, by=rank_points_by,
+                                       seed=seed)
         for p, qw, ps in zip(members, out, pss):
             qws[p.name] = (qw, None)
             e0 = ps.err[:, 0].sum().clamp_min(1e-30)

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import mpq_det  # noqa: F401  (compat fixes: SSDHead inference in mmdet 3.3)
-from mpq_det.hook import component_of
+from mpq_det.components import component_of
 from mpq_det.model_pass import QuantSettings, StatsCollector, plan_layers, quantize_model
 from mpq_det.modules import QConv2d, QLinear
 

@@ -48,6 +48,7 @@ def fresh_runner(runner, tmp_path):
     (dict(calib=dict(split='holdout')), 'split'),
     (dict(act_bits=16), 'act_bits'),
     (dict(h_form='full'), 'h_form'),
+    (dict(rank_points_by='size'), 'rank_points_by'),
 ])
 def test_bad_arguments_raise_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -160,7 +161,7 @@ def test_dict_config_style_and_cfg_options():
 
 def test_mmcv_wrappers_are_quantized_and_errors_name_the_layer():
     from mmcv.cnn import Conv2d as McvConv2d, Linear as McvLinear
-    from mpq_det.hook import component_of
+    from mpq_det.components import component_of
     from mpq_det.model_pass import QuantSettings, StatsCollector, plan_layers
     m = nn.Module()
     m.bbox_head = nn.Sequential(McvConv2d(3, 4, 3), McvLinear(8, 4), nn.Linear(8, 4))
@@ -174,7 +175,7 @@ def test_mmcv_wrappers_are_quantized_and_errors_name_the_layer():
 
 
 def test_layer_bits_overrides_matching_layers():
-    from mpq_det.hook import component_of
+    from mpq_det.components import component_of
     from mpq_det.model_pass import QuantSettings, plan_layers
     m = nn.Module()
     m.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))

@@ -201,3 +201,16 @@ def test_method_ocs_export_reload_to_float(base_cfg, inputs, tmp_path):
     # --to-float: a plain mmdet model with the OCS duplicates summed back
     diffs = convert_export(cfg, q, to_float=str(tmp_path / 'float.pth'))
     assert diffs['float'] <= 1e-5
+
+
+def test_rank_points_by(base_cfg, tmp_path):
+    """The ablation's placements spend the same budget on other channels."""
+    npoints, mem = {}, {}
+    for by in ('output', 'weight', 'random'):
+        _, m, rep = run(base_cfg, tmp_path, by, bits=3, budget=0.05, rank_points_by=by)
+        assert rep['summary']['settings']['rank_points_by'] == by
+        npoints[by] = torch.cat([l.npoints for l in qlayers(m).values()])
+        mem[by] = rep['summary']['memory_overhead']
+    assert all(0.04 < v <= 0.05 + 1e-9 for v in mem.values()), mem
+    assert not torch.equal(npoints['output'], npoints['random'])
+    assert not torch.equal(npoints['output'], npoints['weight'])
