@@ -60,16 +60,10 @@ _cache: dict = {}
 
 def subset_ann(data: str, work_dir: str) -> str:
     """COCO json of the first NUM_IMAGES test images (written once)."""
-    import json
+    from mpq_det.benchmark import subset_coco_ann
     out = osp.join(work_dir, f'instances_val_first{NUM_IMAGES}.json')
     if not osp.exists(out):
-        with open(osp.join(data, 'annotations/instances_val.json')) as f:
-            coco = json.load(f)
-        keep = {im['id'] for im in coco['images'][:NUM_IMAGES]}
-        coco['images'] = coco['images'][:NUM_IMAGES]
-        coco['annotations'] = [a for a in coco['annotations'] if a['image_id'] in keep]
-        with open(out, 'w') as f:
-            json.dump(coco, f)
+        subset_coco_ann(osp.join(data, 'annotations/instances_val.json'), NUM_IMAGES, out)
     return out
 
 
