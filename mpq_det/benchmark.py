@@ -335,9 +335,12 @@ def plot_results(rows: list[dict], out_dir: str) -> list[str]:
             for ax, r in zip(axes[0], hists):
                 comps = sorted(r['points_hist'])
                 width = 0.8 / max(len(comps), 1)
+                n = max(len(r['points_hist'][c]) for c in comps)
                 for i, c in enumerate(comps):
                     h = r['points_hist'][c]
-                    ax.bar([k + 1 + i * width for k in range(len(h))], h, width, label=c)
+                    ax.bar([k + 1 + (i - (len(comps) - 1) / 2) * width for k in range(len(h))],
+                           h, width, label=c)
+                ax.set_xticks(range(1, n + 1))
                 ax.set_yscale('log')
                 ax.set_xlabel('points per channel')
                 ax.set_ylabel('channels')
