@@ -1,0 +1,600 @@
+"""An int8 QDQ ONNX graph of a quantized one-stage detector, for onnxruntime.
+
+The graph covers what ``convert.export_onnx`` covers: the network from the
+preprocessed image batch to the raw head outputs (backbone, neck, dense head).
+onnxruntime's CPU provider fuses each ``DequantizeLinear -> Conv -> QuantizeLinear``
+unit into one QLinearConv (uint8 activations, int8 weights, int32 accumulation).
+
+How it is built:
+
+1. The quantized model's float twin (each ``QConv2d`` an ``nn.Conv2d`` with its
+   dequantized weight, BatchNorm kept) is exported by torch.onnx. Its Conv nodes
+   keep the parameter names, so each maps back to its layer.
+2. A BatchNormalization that is a Conv's only consumer is folded: into the per-row
+   weight scales of a quantized conv (a negative factor flips the codes' sign, which
+   is exact on the symmetric grid), into the weights of a float conv.
+3. A quantized conv becomes ``DQ(Q(x)) -> Conv(DQ(int8 codes), DQ(int32 bias))``.
+   The input QuantizeLinear has the layer's own activation scale and zero point,
+   so it does what the PyTorch fake quantization does (both round half to even).
+4. Output requantization. onnxruntime fuses only if a QuantizeLinear follows the
+   Conv (through a Relu/Clip, which it removes when the Q range lies inside it).
+   When the output (after Relu/Clip) feeds quantized convs, their input Q is that
+   QuantizeLinear: no rounding that PyTorch does not do. Its other consumers (a
+   residual Add) then read the same dequantized tensor: that rounding is extra.
+   Otherwise a Q/DQ pair with a range calibrated on images is inserted (an extra
+   8-bit rounding), except for the convs that make the raw head outputs: they stay
+   float unless ``int8_outputs``.
+5. Extra points. A layer with sum_j n_j > C_out rows is one Conv with the main rows
+   first and the extra rows after them (per group, for grouped convs; groups are
+   padded with zero rows to the same count). Its output is requantized per tensor,
+   which would crush the small extra rows, so each extra row's weight scale is
+   multiplied by 2^k (k = floor(log2(main scale / its scale))) and a per-channel
+   DequantizeLinear divides it back (exact: a power of two). A ScatterElements
+   with reduction 'add' then adds each channel's extra rows into its main row.
+   Cost: one extra 8-bit rounding of the layer's output (calibrated range) and
+   the float scatter, instead of a second conv (the other option of issue 11).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..export import _unwrap
+from ..modules import QConv2d, QLinear
+from ..qstate import swap_module
+from ..quant.grid import act_qparams
+from .convert import RawOutputs, _folded_weight, is_two_stage, raw_outputs
+
+OPSET = 17
+PREFIX = 'detector.'  # RawOutputs wraps the detector: parameter names start with it
+
+
+@dataclass
+class ConvRecord:
+    """One Conv node of the deployed graph."""
+    name: str                 # module name (or the ONNX node name of an unnamed conv)
+    integer: bool             # DQ input, DQ int8 weight and a Q after: fusable
+    rows: int = 0             # conv output rows (main + extra + padding)
+    out_channels: int = 0
+    groups: int = 1
+    output_q: str = ''        # 'next layer' | 'calibrated' | 'float'
+    reason: str = ''          # why it is not integer (or what it costs)
+
+
+@dataclass
+class DeployReport:
+    convs: list[ConvRecord] = field(default_factory=list)
+    other_float_ops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def non_integer(self) -> list[ConvRecord]:
+        return [c for c in self.convs if not c.integer]
+
+    def lines(self) -> list[str]:
+        n, k = len(self.convs), sum(c.integer for c in self.convs)
+        out = [f'convs in the graph: {n}, integer-ready (DQ -> Conv -> Q): {k}']
+        calib = sum(c.output_q == 'calibrated' for c in self.convs)
+        extra = sum(c.rows > c.out_channels for c in self.convs)
+        out.append(f'output requantized at the next layer\'s input scale: '
+                   f'{sum(c.output_q == "next layer" for c in self.convs)}, at a calibrated '
+                   f'scale (an extra 8-bit rounding): {calib}, multipoint layers (extra rows): '
+                   f'{extra}')
+        for c in self.non_integer:
+            out.append(f'  float conv {c.name}: {c.reason}')
+        if self.other_float_ops:
+            out.append('float ops between integer convs: ' + ', '.join(
+                f'{k} x{v}' for k, v in sorted(self.other_float_ops.items())))
+        return out
+
+
+# --------------------------------------------------------------------- float twin
+def float_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every QConv2d/QLinear an ordinary float layer holding
+    its dequantized weight (no activation fake quantization)."""
+    twin = copy.deepcopy(_unwrap(model)).cpu().eval()
+    for name, m in list(twin.named_modules()):
+        if isinstance(m, QConv2d):
+            new = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride,
+                            m.padding, m.dilation, m.groups, bias=m.bias is not None,
+                            padding_mode=m.padding_mode)
+        elif isinstance(m, QLinear):
+            new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        else:
+            continue
+        new.weight.data.copy_(_folded_weight(m))
+        if m.bias is not None:
+            new.bias.data.copy_(m.bias.detach())
+        swap_module(twin, name, new.eval())
+    return twin
+
+
+def torch_to_onnx(net: nn.Module, inputs: Tensor, fold_bn: bool = True,
+                  opset: int = OPSET):
+    """torch.onnx export of ``net`` up to its flattened raw outputs (an onnx.ModelProto);
+    ``fold_bn=False`` keeps BatchNormalization nodes (for our own folding)."""
+    import onnx
+    net = _unwrap(net).eval()
+    n_out = len(raw_outputs(net, inputs[:1]))
+    buf = io.BytesIO()
+    mode = torch.onnx.TrainingMode.EVAL if fold_bn else torch.onnx.TrainingMode.PRESERVE
+    with torch.no_grad():
+        torch.onnx.export(RawOutputs(net).eval(), (inputs.cpu(),), buf, dynamo=False,
+                          opset_version=opset, training=mode, input_names=['inputs'],
+                          output_names=[f'out{i}' for i in range(n_out)],
+                          dynamic_axes={'inputs': {0: 'batch', 2: 'height', 3: 'width'}})
+    return onnx.load_from_string(buf.getvalue())
+
+
+# --------------------------------------------------------------------- graph edits
+class _Graph:
+    """Small helpers over an onnx model: the nodes are edited as a plain list of
+    standalone NodeProtos (a protobuf repeated field copies on append), and written
+    back in topological order by ``proto()``."""
+
+    def __init__(self, proto):
+        self._proto = proto
+        self.g = proto.graph
+        self.nodes = [copy.deepcopy(nd) for nd in self.g.node]
+        self._n = 0
+
+    def uniq(self, base: str) -> str:
+        self._n += 1
+        return f'{base}/mpq{self._n}'
+
+    def consumers(self, name: str) -> list:
+        return [nd for nd in self.nodes if name in nd.input]
+
+    def producer(self, name: str):
+        return next((nd for nd in self.nodes if name in nd.output), None)
+
+    def by_name(self, name: str):
+        return next(nd for nd in self.nodes if nd.name == name)
+
+    def is_output(self, name: str) -> bool:
+        return any(o.name == name for o in self.g.output)
+
+    def const(self, name: str) -> np.ndarray | None:
+        from onnx import numpy_helper
+        for t in self.g.initializer:
+            if t.name == name:
+                return numpy_helper.to_array(t)
+        nd = self.producer(name)
+        if nd is not None and nd.op_type == 'Constant':
+            return numpy_helper.to_array(nd.attribute[0].t)
+        if nd is not None and nd.op_type == 'Identity':  # torch.onnx dedups equal tensors
+            return self.const(nd.input[0])
+        return None
+
+    def init(self, base: str, arr: np.ndarray) -> str:
+        from onnx import numpy_helper
+        name = self.uniq(base)
+        self.g.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def set_init(self, name: str, arr: np.ndarray) -> None:
+        from onnx import numpy_helper
+        for i, t in enumerate(self.g.initializer):
+            if t.name == name:
+                self.g.initializer[i].CopyFrom(numpy_helper.from_array(np.asarray(arr), name))
+                return
+        raise KeyError(name)
+
+    def node(self, op: str, inputs: list[str], outputs: list[str] | None = None,
+             **attrs):
+        from onnx import helper
+        nd = helper.make_node(op, inputs, outputs or [self.uniq(op)], name=self.uniq(op),
+                              **attrs)
+        self.nodes.append(nd)
+        return nd
+
+    def remove(self, nd) -> None:
+        self.nodes = [n for n in self.nodes if n.name != nd.name]
+
+    def descendants_have(self, name: str, op: str) -> bool:
+        seen, todo = set(), [name]
+        while todo:
+            for nd in self.consumers(todo.pop()):
+                if nd.op_type == op:
+                    return True
+                for o in nd.output:
+                    if o not in seen:
+                        seen.add(o)
+                        todo.append(o)
+        return False
+
+    def proto(self):
+        """A copy of the model with the current nodes, topologically sorted and
+        without unused initializers."""
+        have = {i.name for i in self.g.input} | {t.name for t in self.g.initializer} | {''}
+        nodes, done = list(self.nodes), []
+        while nodes:
+            rest = []
+            for nd in nodes:
+                if all(x in have for x in nd.input):
+                    done.append(nd)
+                    have.update(nd.output)
+                else:
+                    rest.append(nd)
+            if len(rest) == len(nodes):
+                raise RuntimeError(f'graph has a cycle or a dangling input near '
+                                   f'{rest[0].name} {list(rest[0].input)}')
+            nodes = rest
+        self.nodes = done
+        out = copy.deepcopy(self._proto)
+        del out.graph.node[:]
+        out.graph.node.extend(done)
+        used = {x for nd in done for x in nd.input} | {o.name for o in out.graph.output}
+        keep = [t for t in out.graph.initializer if t.name in used]
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(keep)
+        out.graph.ClearField('value_info')
+        return out
+
+
+def _fold_batchnorms(G: _Graph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Folds every BatchNormalization whose input is a Conv's only output use.
+    Returns {conv node name: (multiplier, bias)} per output channel."""
+    folded = {}
+    for conv in [nd for nd in G.nodes if nd.op_type == 'Conv']:
+        y = conv.output[0]
+        cons = G.consumers(y)
+        if len(cons) != 1 or cons[0].op_type != 'BatchNormalization' or G.is_output(y):
+            continue
+        bn = cons[0]
+        gamma, beta, mean, var = (G.const(x).astype(np.float64) for x in bn.input[1:5])
+        eps = next((a.f for a in bn.attribute if a.name == 'epsilon'), 1e-5)
+        mult = gamma / np.sqrt(var + eps)
+        w = G.const(conv.input[1])
+        c_out = w.shape[0]
+        b = G.const(conv.input[2]).astype(np.float64) if len(conv.input) > 2 else \
+            np.zeros(c_out)
+        folded[conv.name] = (mult, (b - mean) * mult + beta)
+        G.remove(bn)
+        conv.output[0] = bn.output[0]
+    return folded
+
+
+# ------------------------------------------------------------------ multipoint rows
+def row_layout(q: QConv2d) -> dict:
+    """Rows of the deployed conv: per group, the group's main rows (one per channel,
+    the channel's first point), then its extra rows, then zero padding up to the
+    largest group. Returns codes (rows, d) int8, scales, channel of each row (-1 for
+    padding), its power-of-two factor 2^-k (1 for main rows) and the main/extra
+    positions."""
+    codes = q.codes.cpu().numpy().astype(np.int8)
+    scales = q.scales.cpu().numpy().astype(np.float64)
+    npts = q.npoints.cpu().numpy().astype(np.int64)
+    C, G = npts.size, q.groups
+    cpg = C // G
+    start = np.concatenate([[0], np.cumsum(npts)[:-1]])
+    per_group = []
+    for g in range(G):
+        chans = range(g * cpg, (g + 1) * cpg)
+        main = [(j, start[j]) for j in chans]
+        extra = [(j, start[j] + i) for j in chans for i in range(1, npts[j])]
+        per_group.append(main + extra)
+    Rg = max(len(r) for r in per_group)
+    R, d = G * Rg, codes.shape[1]
+    out = dict(codes=np.zeros((R, d), np.int8), scales=np.ones(R), chan=np.full(R, -1),
+               fac=np.ones(R), main=np.zeros(C, np.int64), extra=[], extra_chan=[])
+    for g, rows in enumerate(per_group):
+        for i, (j, src) in enumerate(rows):
+            r = g * Rg + i
+            out['codes'][r] = codes[src]
+            out['chan'][r] = j
+            s = scales[src]
+            if src == start[j]:
+                out['main'][j] = r
+                out['scales'][r] = s
+            else:
+                main_s = abs(scales[start[j]])
+                k = int(math.floor(math.log2(main_s / abs(s)))) if s != 0 and main_s > 0 \
+                    else 0
+                k = min(max(k, 0), 24)
+                out['scales'][r] = s * 2.0 ** k
+                out['fac'][r] = 2.0 ** -k
+                out['extra'].append(r)
+                out['extra_chan'].append(j)
+    out['extra'] = np.asarray(out['extra'], np.int64)
+    out['extra_chan'] = np.asarray(out['extra_chan'], np.int64)
+    return out
+
+
+# --------------------------------------------------------------------------- build
+@dataclass
+class _QConvUnit:
+    name: str                  # the layer
+    conv: str                  # the Conv node's name
+    x_dq: str                  # its dequantized input
+    x_scale: float
+    w_scales: np.ndarray       # (rows,) positive
+    bias: np.ndarray           # (rows,) float
+    bias_name: str
+    raw: str                   # conv output: rows before the sum
+    fac: np.ndarray | None     # per-row 2^-k (multipoint) or None
+    mul: str = ''              # the pre-graph Mul (its output) that stands for Q/DQ per row
+
+
+class Int8Builder:
+    """Builds the int8 QDQ graph of a quantized model in two phases: ``build()``
+    makes the graph without the calibrated requantizations (``calib_tensors`` lists
+    what needs a range), ``finish(ranges)`` inserts them."""
+
+    def __init__(self, model: nn.Module, inputs: Tensor, int8_outputs: bool = False,
+                 opset: int = OPSET):
+        model = _unwrap(model).eval()
+        if is_two_stage(model):
+            raise ValueError('the int8 ONNX graph covers one-stage detectors (backbone, '
+                             'neck and dense head up to the raw outputs); a two-stage '
+                             "detector's RoI head runs on data-dependent RPN proposals")
+        self.qlayers = {n: m for n, m in model.named_modules()
+                        if isinstance(m, (QConv2d, QLinear))}
+        if not self.qlayers:
+            raise ValueError('the model has no quantized layers: give a quantized export '
+                             '(tools/export.py ... --cfg-options custom_hooks.0.act_bits=8)')
+        self.int8_outputs = int8_outputs
+        self.G = _Graph(torch_to_onnx(float_twin(model), inputs, False, opset))
+        self.report = DeployReport()
+        self.units: list[_QConvUnit] = []
+        self.calib: dict[str, tuple] = {}  # tensor -> ('rows', unit) | ('out', conv)
+        self._act_q: dict[tuple, tuple[str, str]] = {}  # (x, scale, zero) -> (Q, DQ out)
+
+    # -------------------------------------------------------------------- phase 1
+    def build(self) -> list[str]:
+        G = self.G
+        folded = _fold_batchnorms(G)
+        records = {}
+        for conv in [nd for nd in G.nodes if nd.op_type == 'Conv']:
+            w = conv.input[1]
+            name = w[len(PREFIX):-len('.weight')] if w.startswith(PREFIX) and \
+                w.endswith('.weight') else conv.name
+            q = self.qlayers.get(name)
+            mult, bias = folded.get(conv.name, (None, None))
+            rec = ConvRecord(name, False, out_channels=int(G.const(w).shape[0]),
+                             groups=next((a.i for a in conv.attribute if a.name == 'group'), 1))
+            rec.rows = rec.out_channels
+            records[conv.name] = rec
+            reason = self._why_float(q)
+            if reason:
+                rec.reason = reason
+                self._keep_float(conv, q, mult, bias)
+                continue
+            self._quantize_conv(conv, q, mult, bias, rec)
+        for unit in self.units:
+            if unit.fac is None:
+                self._route_output(unit, records[unit.conv])
+        self.report.convs = list(records.values())
+        return list(self.calib)
+
+    @staticmethod
+    def _why_float(q) -> str:
+        if q is None:
+            return 'not quantized in the export (kept in floating point)'
+        if isinstance(q, QLinear):
+            return 'a Linear layer'
+        if q.act_bits is None:
+            return 'weights-only quantization (act_bits=None): export with act_bits=8'
+        if q.act_bits != 8:
+            return f'act_bits={q.act_bits}: onnxruntime runs 8-bit activations only'
+        if q.act_symmetric:
+            return 'symmetric activations (uint8 asymmetric is what the export needs)'
+        if q.in_index is not None:
+            return 'OCS input duplication (run as a float conv on the folded weight)'
+        return ''
+
+    def _keep_float(self, conv, q, mult, bias) -> None:
+        G = self.G
+        if mult is not None:
+            w = G.const(conv.input[1]).astype(np.float64)
+            G.set_init(conv.input[1], (w * mult[:, None, None, None]).astype(np.float32))
+            b = G.init('bias', bias.astype(np.float32))
+            if len(conv.input) > 2:
+                conv.input[2] = b
+            else:
+                conv.input.append(b)
+        if isinstance(q, QConv2d) and q.act_bits is not None:
+            # the activation fake quantization still applies (as Q/DQ before a float conv)
+            conv.input[0] = self._act_qdq(conv.input[0], float(q.act_scale),
+                                          float(q.act_zero), q.act_bits, q.act_symmetric)
+
+    def _act_qdq(self, x: str, scale: float, zero: float, bits: int = 8,
+                 symmetric: bool = False) -> str:
+        key = (x, scale, zero)
+        if key not in self._act_q:
+            G = self.G
+            zt = np.int8 if symmetric else np.uint8
+            s = G.init('act_scale', np.array(scale, np.float32))
+            z = G.init('act_zero', np.array(zero, zt))
+            qn = G.node('QuantizeLinear', [x, s, z])
+            dq = G.node('DequantizeLinear', [qn.output[0], s, z])
+            self._act_q[key] = (qn.name, dq.output[0])
+        return self._act_q[key][1]
+
+    def _quantize_conv(self, conv, q: QConv2d, mult, bias, rec: ConvRecord) -> None:
+        G = self.G
+        C = q.out_channels
+        lay = row_layout(q)
+        R = lay['codes'].shape[0]
+        m = np.ones(C) if mult is None else mult
+        b = (np.zeros(C) if q.bias is None else q.bias.detach().cpu().double().numpy()) \
+            if bias is None else bias
+        chan = lay['chan']
+        mrow = np.where(chan >= 0, m[np.maximum(chan, 0)], 1.0)
+        codes = lay['codes'].astype(np.int16) * np.where(mrow < 0, -1, 1)[:, None]
+        w_scales = (lay['scales'] * np.abs(mrow)).astype(np.float32)
+        neg = w_scales < 0  # a negative point scale: flip its codes too
+        codes[neg] *= -1
+        w_scales = np.abs(w_scales)
+        w_scales[w_scales == 0] = 1.0  # all-zero rows: any scale
+        kh, kw = q.kernel_size
+        wq = G.init('w_int8', codes.astype(np.int8).reshape(R, -1, kh, kw))
+        ws = G.init('w_scale', w_scales)
+        wz = G.init('w_zero', np.zeros(R, np.int8))
+        wdq = G.node('DequantizeLinear', [wq, ws, wz], axis=0).output[0]
+        row_bias = np.zeros(R)
+        row_bias[lay['main']] = b
+        bname = G.init('bias', row_bias.astype(np.float32))
+        x_scale = float(q.act_scale)
+        xdq = self._act_qdq(conv.input[0], x_scale, float(q.act_zero))
+        y = conv.output[0]
+        multipoint = R > C
+        raw = G.uniq(y + '_rows') if multipoint else y
+        del conv.input[:]
+        conv.input.extend([xdq, wdq, bname])
+        conv.output[0] = raw
+        unit = _QConvUnit(rec.name, conv.name, xdq, x_scale, w_scales, row_bias, bname, raw,
+                          lay['fac'] if multipoint else None)
+        self.units.append(unit)
+        rec.integer, rec.rows = True, R
+        if not multipoint:
+            return
+        # rows -> channels: main rows, plus each extra row added into its channel
+        fac = G.init('row_fac', lay['fac'].astype(np.float32).reshape(1, R, 1, 1))
+        scaled = unit.mul = G.node('Mul', [raw, fac]).output[0]
+        if np.array_equal(lay['main'], np.arange(C)):
+            main = G.node('Slice', [scaled, G.init('i', np.array([0])),
+                                    G.init('i', np.array([C])), G.init('i', np.array([1]))])
+        else:
+            main = G.node('Gather', [scaled, G.init('i', lay['main'])], axis=1)
+        extra = lay['extra']
+        if extra.size == 0:  # padding only (grouped conv): the main rows are the output
+            G.node('Identity', [main.output[0]], [y])
+        else:
+            ex = G.node('Gather', [scaled, G.init('i', extra)], axis=1)
+            idx = G.init('i', lay['extra_chan'].reshape(1, -1, 1, 1))
+            shape = G.node('Shape', [ex.output[0]])
+            idx_full = G.node('Expand', [idx, shape.output[0]])
+            G.node('ScatterElements', [main.output[0], idx_full.output[0], ex.output[0]],
+                   [y], axis=1, reduction='add')
+        rec.reason = (f'{int(lay["extra"].size)} extra rows, {R - C - int(lay["extra"].size)} '
+                      'padding rows')
+        if not self.int8_outputs and not G.descendants_have(y, 'Conv'):
+            rec.integer, rec.output_q = False, 'float'
+            rec.reason += '; makes a raw head output, kept float (int8_outputs=True quantizes it)'
+            return
+        self.calib[raw] = ('rows', unit)
+        rec.output_q = 'calibrated'
+
+
+    def _route_output(self, unit: _QConvUnit, rec: ConvRecord) -> None:
+        """Finds or inserts the QuantizeLinear after a one-point conv (step 4)."""
+        G = self.G
+        t = unit.raw
+        cons = G.consumers(t)
+        if not G.is_output(t) and len(cons) == 1 and cons[0].op_type in ('Relu', 'Clip'):
+            t = cons[0].output[0]
+            cons = G.consumers(t)
+        if not G.descendants_have(t, 'Conv') and not self.int8_outputs:
+            rec.integer, rec.output_q = False, 'float'
+            rec.reason = 'makes a raw head output, kept float (int8_outputs=True quantizes it)'
+            return
+        act_q = {v[0]: v[1] for v in self._act_q.values()}
+        mine = [nd for nd in cons if nd.name in act_q]
+        if mine and not G.is_output(t):
+            qn = mine[0]
+            dq_out = act_q[qn.name]
+            others = [nd for nd in cons if nd.name != qn.name]
+            for nd in others:  # they read the requantized tensor (extra rounding for them)
+                for i, x in enumerate(nd.input):
+                    if x == t:
+                        nd.input[i] = dq_out
+            rec.output_q = 'next layer'
+            if others:
+                rec.reason = (f'its output also feeds {sorted({n.op_type for n in others})} '
+                              'through the next layer\'s input rounding')
+            return
+        self.calib[t] = ('out', rec)
+        rec.output_q = 'calibrated'
+
+    # -------------------------------------------------------------------- phase 2
+    def finish(self, ranges: dict[str, tuple[float, float]]):
+        """Inserts the calibrated requantizations, makes the biases int32; returns the
+        onnx.ModelProto."""
+        G = self.G
+        missing = [t for t in self.calib if t not in ranges]
+        if missing:
+            raise ValueError(f'no calibrated range for {missing[:3]}')
+        for t, (kind, obj) in self.calib.items():
+            scale, zero = act_qparams(*ranges[t], 8, False)
+            s = G.init('y_scale', np.array(scale, np.float32))
+            z = G.init('y_zero', np.array(zero, np.uint8))
+            if kind == 'rows':
+                unit = obj
+                R = unit.fac.size
+                G.remove(G.producer(unit.mul))
+                qn = G.node('QuantizeLinear', [t, s, z])
+                # per-row dequantization divides the 2^k of the extra rows back
+                G.node('DequantizeLinear', [qn.output[0],
+                                            G.init('y_scale', (scale * unit.fac).astype(np.float32)),
+                                            G.init('y_zero', np.full(R, zero, np.uint8))],
+                       [unit.mul], axis=1)
+            else:
+                prod = G.producer(t)
+                pre = G.uniq(t + '_float')
+                for i, o in enumerate(prod.output):
+                    if o == t:
+                        prod.output[i] = pre
+                qn = G.node('QuantizeLinear', [pre, s, z])
+                G.node('DequantizeLinear', [qn.output[0], s, z], [t])
+        for unit in self.units:  # int32 bias at scale x_scale * w_scale (what QLinearConv adds)
+            bs = (np.float32(unit.x_scale) * unit.w_scales).astype(np.float32)
+            bq = np.clip(np.round(unit.bias / bs), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+            dq = G.node('DequantizeLinear', [G.init('bias_int32', bq), G.init('bias_scale', bs),
+                                             G.init('bias_zero', np.zeros(bq.size, np.int32))],
+                        axis=0)
+            G.by_name(unit.conv).input[2] = dq.output[0]
+        self._count_float_ops()
+        return G.proto()
+
+    def _count_float_ops(self) -> None:
+        skip = {'QuantizeLinear', 'DequantizeLinear', 'Conv', 'Constant', 'Shape', 'Expand'}
+        counts = defaultdict(int)
+        for nd in self.G.nodes:
+            if nd.op_type not in skip:
+                counts[nd.op_type] += 1
+        self.report.other_float_ops = dict(counts)
+
+
+# --------------------------------------------------------------------- calibration
+def tensor_ranges(proto, names: list[str], batches: list[Tensor]) -> dict:
+    """Min/max of graph tensors ``names`` over ``batches``, run in onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+    m = proto
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), opts,
+                                providers=['CPUExecutionProvider'])
+    ranges: dict[str, list[float]] = {}
+    for x in batches:
+        outs = sess.run(names, {'inputs': x.cpu().numpy()})
+        for n, v in zip(names, outs):
+            lo, hi = float(v.min()), float(v.max())
+            r = ranges.setdefault(n, [lo, hi])
+            r[0], r[1] = min(r[0], lo), max(r[1], hi)
+    return {n: (r[0], r[1]) for n, r in ranges.items()}
+
+
+def build_int8_onnx(model: nn.Module, example: Tensor, calib_batches: list[Tensor],
+                    int8_outputs: bool = False, opset: int = OPSET):
+    """(onnx.ModelProto, DeployReport) of the int8 QDQ graph of ``model`` (a quantized
+    one-stage detector with act_bits=8). ``calib_batches``: preprocessed images whose
+    ranges set the inserted requantizations."""
+    b = Int8Builder(model, example, int8_outputs, opset)
+    names = b.build()
+    ranges = tensor_ranges(b.G.proto(), names, calib_batches) if names else {}
+    proto = b.finish(ranges)
+    return proto, b.report
