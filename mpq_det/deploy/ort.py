@@ -109,3 +109,51 @@ class OnnxRuntimeHook(Hook):
 
 def file_mib(path: str) -> float:
     return os.path.getsize(path) / 2 ** 20
+
+
+# ------------------------------------------------------------------ benchmarking
+def time_graphs(paths: dict[str, str], inputs: np.ndarray, threads: int, warmup: int = 3,
+                repeats: int = 20) -> dict[str, list[float]]:
+    """Seconds per run of each graph on the same input, in this process. The graphs
+    take turns run by run, so that load from other processes hits them alike."""
+    import time
+    sessions = {k: make_session(p, threads) for k, p in paths.items()}
+    feed = {k: {s.get_inputs()[0].name: inputs} for k, s in sessions.items()}
+    for k, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, feed[k])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feed[k])
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+_PEAK_SCRIPT = '''
+import numpy as np, onnxruntime as ort
+def hwm():  # peak resident set (kB); ru_maxrss would carry the parent's peak over exec
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))
+x = np.random.default_rng(0).standard_normal({shape}).astype(np.float32)
+open('/proc/self/clear_refs', 'w').write('5')  # reset the peak to the current size
+base = hwm()
+o = ort.SessionOptions(); o.intra_op_num_threads = {threads}; o.log_severity_level = 3
+s = ort.InferenceSession({path!r}, o, providers=['CPUExecutionProvider'])
+s.run(None, {{s.get_inputs()[0].name: x}})
+print((hwm() - base) / 1024)
+'''
+
+
+def peak_memory_mib(path: str, shape: tuple[int, ...], threads: int = 1) -> float:
+    """Peak resident memory that loading ``path`` in onnxruntime and one run add, in a
+    fresh process (MiB; peak RSS after minus before, the input already allocated; Linux)."""
+    import subprocess
+    import sys
+    code = _PEAK_SCRIPT.format(shape=tuple(shape), threads=int(threads), path=path)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       env=env, timeout=1800)
+    if r.returncode:
+        raise RuntimeError(f'peak memory run of {path} failed: {r.stderr[-2000:]}')
+    return float(r.stdout.strip().splitlines()[-1])

@@ -27,12 +27,15 @@ How it is built:
 5. Extra points. A layer with sum_j n_j > C_out rows is one Conv with the main rows
    first and the extra rows after them (per group, for grouped convs; groups are
    padded with zero rows to the same count). Its output is requantized per tensor,
-   which would crush the small extra rows, so each extra row's weight scale is
-   multiplied by 2^k (k = floor(log2(main scale / its scale))) and a per-channel
-   DequantizeLinear divides it back (exact: a power of two). A ScatterElements
-   with reduction 'add' then adds each channel's extra rows into its main row.
-   Cost: one extra 8-bit rounding of the layer's output (calibrated range) and
-   the float scatter, instead of a second conv (the other option of issue 11).
+   which would crush the small extra rows, so the weight scales of the i-th extra
+   points are multiplied by 2^k_i (k_i = the smallest floor(log2(main scale /
+   point scale)) of that level). The main rows are sliced from the uint8 output and
+   dequantized; for each level, a Gather takes each channel's i-th extra row (or a
+   zero row) and a per-tensor DequantizeLinear with scale / 2^k_i divides the 2^k_i
+   back (exact: a power of two); Adds sum them. Cost: one 8-bit rounding of the
+   layer's output that PyTorch does not do (calibrated range; the extra rows are
+   rounded 2^k_i finer) and, per level, a Gather, a DequantizeLinear and an Add on
+   the layer's output, instead of a second conv (the other option of issue 11).
 """
 from __future__ import annotations
 
@@ -263,18 +266,24 @@ def _fold_batchnorms(G: _Graph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 # ------------------------------------------------------------------ multipoint rows
-def row_layout(q: QConv2d) -> dict:
+def row_layout(q: QConv2d, first_point_only: bool = False) -> dict:
     """Rows of the deployed conv: per group, the group's main rows (one per channel,
-    the channel's first point), then its extra rows, then zero padding up to the
-    largest group. Returns codes (rows, d) int8, scales, channel of each row (-1 for
-    padding), its power-of-two factor 2^-k (1 for main rows) and the main/extra
-    positions."""
+    the channel's first point), then its extra rows, then zero rows up to the largest
+    group (plus one zero row when a channel lacks an extra point that another has).
+
+    Returns codes (rows, d) int8, scales, the channel of each row (-1: zero row), its
+    power-of-two factor 2^-k (1 for main rows), ``main`` (C,) the main row of each
+    channel, ``extra`` the extra rows, and ``levels``: for the i-th extra point, the
+    row of each channel's i-th extra point or a zero row (a Gather then adds it)."""
     codes = q.codes.cpu().numpy().astype(np.int8)
     scales = q.scales.cpu().numpy().astype(np.float64)
     npts = q.npoints.cpu().numpy().astype(np.int64)
     C, G = npts.size, q.groups
-    cpg = C // G
     start = np.concatenate([[0], np.cumsum(npts)[:-1]])
+    if first_point_only:  # what the graph costs without extra points (not the same weights)
+        codes, scales, npts = codes[start], scales[start], np.ones_like(npts)
+        start = np.arange(C)
+    cpg = C // G
     per_group = []
     for g in range(G):
         chans = range(g * cpg, (g + 1) * cpg)
@@ -282,29 +291,39 @@ def row_layout(q: QConv2d) -> dict:
         extra = [(j, start[j] + i) for j in chans for i in range(1, npts[j])]
         per_group.append(main + extra)
     Rg = max(len(r) for r in per_group)
+    n_levels = int(npts.max()) - 1
+    if n_levels and (npts <= n_levels).any() and all(len(r) == Rg for r in per_group):
+        Rg += 1  # a zero row for the channels without an i-th extra point
     R, d = G * Rg, codes.shape[1]
     out = dict(codes=np.zeros((R, d), np.int8), scales=np.ones(R), chan=np.full(R, -1),
-               fac=np.ones(R), main=np.zeros(C, np.int64), extra=[], extra_chan=[])
+               fac=np.ones(R), main=np.zeros(C, np.int64), extra=[])
+    zero_row = next((g * Rg + len(r) for g, r in enumerate(per_group) if len(r) < Rg), -1)
+    out['levels'] = [np.full(C, zero_row, np.int64) for _ in range(n_levels)]
+    extra = []  # (row, src, channel, level, largest k for this row)
     for g, rows in enumerate(per_group):
         for i, (j, src) in enumerate(rows):
             r = g * Rg + i
             out['codes'][r] = codes[src]
             out['chan'][r] = j
-            s = scales[src]
             if src == start[j]:
                 out['main'][j] = r
-                out['scales'][r] = s
-            else:
-                main_s = abs(scales[start[j]])
-                k = int(math.floor(math.log2(main_s / abs(s)))) if s != 0 and main_s > 0 \
-                    else 0
-                k = min(max(k, 0), 24)
-                out['scales'][r] = s * 2.0 ** k
-                out['fac'][r] = 2.0 ** -k
-                out['extra'].append(r)
-                out['extra_chan'].append(j)
-    out['extra'] = np.asarray(out['extra'], np.int64)
-    out['extra_chan'] = np.asarray(out['extra_chan'], np.int64)
+                out['scales'][r] = scales[src]
+                continue
+            main_s, s = abs(scales[start[j]]), abs(scales[src])
+            k = int(math.floor(math.log2(main_s / s))) if s > 0 and main_s > 0 else 0
+            level = src - start[j] - 1
+            extra.append((r, src, level, k))
+            out['levels'][level][j] = r
+    # one 2^k per level (the smallest the level's rows allow), so that a per-tensor
+    # DequantizeLinear of the gathered level divides it back
+    out['level_k'] = [min([k for _, _, lv, k in extra if lv == i] or [0]) for i in
+                      range(n_levels)]
+    out['level_k'] = [min(max(k, 0), 24) for k in out['level_k']]
+    for r, src, level, _ in extra:
+        k = out['level_k'][level]
+        out['scales'][r] = scales[src] * 2.0 ** k
+        out['fac'][r] = 2.0 ** -k
+    out['extra'] = np.asarray([e[0] for e in extra], np.int64)
     return out
 
 
@@ -320,7 +339,8 @@ class _QConvUnit:
     bias_name: str
     raw: str                   # conv output: rows before the sum
     fac: np.ndarray | None     # per-row 2^-k (multipoint) or None
-    mul: str = ''              # the pre-graph Mul (its output) that stands for Q/DQ per row
+    sum_args: tuple = ()       # (conv output, layer output, row_layout, C) if multipoint
+    post: list[str] = field(default_factory=list)  # nodes that sum the rows
 
 
 class Int8Builder:
@@ -329,7 +349,7 @@ class Int8Builder:
     what needs a range), ``finish(ranges)`` inserts them."""
 
     def __init__(self, model: nn.Module, inputs: Tensor, int8_outputs: bool = False,
-                 opset: int = OPSET):
+                 opset: int = OPSET, first_point_only: bool = False):
         model = _unwrap(model).eval()
         if is_two_stage(model):
             raise ValueError('the int8 ONNX graph covers one-stage detectors (backbone, '
@@ -341,6 +361,7 @@ class Int8Builder:
             raise ValueError('the model has no quantized layers: give a quantized export '
                              '(tools/export.py ... --cfg-options custom_hooks.0.act_bits=8)')
         self.int8_outputs = int8_outputs
+        self.first_point_only = first_point_only
         self.G = _Graph(torch_to_onnx(float_twin(model), inputs, False, opset))
         self.report = DeployReport()
         self.units: list[_QConvUnit] = []
@@ -421,7 +442,7 @@ class Int8Builder:
     def _quantize_conv(self, conv, q: QConv2d, mult, bias, rec: ConvRecord) -> None:
         G = self.G
         C = q.out_channels
-        lay = row_layout(q)
+        lay = row_layout(q, self.first_point_only)
         R = lay['codes'].shape[0]
         m = np.ones(C) if mult is None else mult
         b = (np.zeros(C) if q.bias is None else q.bias.detach().cpu().double().numpy()) \
@@ -456,24 +477,8 @@ class Int8Builder:
         rec.integer, rec.rows = True, R
         if not multipoint:
             return
-        # rows -> channels: main rows, plus each extra row added into its channel
-        fac = G.init('row_fac', lay['fac'].astype(np.float32).reshape(1, R, 1, 1))
-        scaled = unit.mul = G.node('Mul', [raw, fac]).output[0]
-        if np.array_equal(lay['main'], np.arange(C)):
-            main = G.node('Slice', [scaled, G.init('i', np.array([0])),
-                                    G.init('i', np.array([C])), G.init('i', np.array([1]))])
-        else:
-            main = G.node('Gather', [scaled, G.init('i', lay['main'])], axis=1)
-        extra = lay['extra']
-        if extra.size == 0:  # padding only (grouped conv): the main rows are the output
-            G.node('Identity', [main.output[0]], [y])
-        else:
-            ex = G.node('Gather', [scaled, G.init('i', extra)], axis=1)
-            idx = G.init('i', lay['extra_chan'].reshape(1, -1, 1, 1))
-            shape = G.node('Shape', [ex.output[0]])
-            idx_full = G.node('Expand', [idx, shape.output[0]])
-            G.node('ScatterElements', [main.output[0], idx_full.output[0], ex.output[0]],
-                   [y], axis=1, reduction='add')
+        unit.sum_args = (raw, y, lay, C)
+        unit.post = self._sum_rows(raw, y, lay, C)
         rec.reason = (f'{int(lay["extra"].size)} extra rows, {R - C - int(lay["extra"].size)} '
                       'padding rows')
         if not self.int8_outputs and not G.descendants_have(y, 'Conv'):
@@ -483,6 +488,38 @@ class Int8Builder:
         self.calib[raw] = ('rows', unit)
         rec.output_q = 'calibrated'
 
+    def _sum_rows(self, raw: str, y: str, lay: dict, C: int,
+                  q: tuple[str, float, str] | None = None) -> list[str]:
+        """y = main rows + each level's gathered extra rows, times 2^-k. ``q`` = (scale
+        init, scale, zero init): ``raw`` is requantized per tensor and the slices are
+        dequantized (the level's scale times 2^-k); else float (calibration graph).
+        Returns the names of the nodes made."""
+        G = self.G
+        made = []
+
+        def node(*a, **kw):
+            nd = G.node(*a, **kw)
+            made.append(nd.name)
+            return nd.output[0]
+        src = raw if q is None else node('QuantizeLinear', [raw, q[0], q[2]])
+
+        def deq(t: str, k: int) -> str:
+            if q is None:
+                return t if k == 0 else node('Mul', [t, G.init('fac', np.array(2.0 ** -k,
+                                                                          np.float32))])
+            return node('DequantizeLinear', [t, G.init('y_scale', np.array(
+                q[1] * 2.0 ** -k, np.float32)), q[2]])
+        if np.array_equal(lay['main'], np.arange(C)):
+            main = node('Slice', [src, G.init('i', np.array([0])), G.init('i', np.array([C])),
+                                  G.init('i', np.array([1]))])
+        else:
+            main = node('Gather', [src, G.init('i', lay['main'])], axis=1)
+        out = deq(main, 0)
+        for i, idx in enumerate(lay['levels']):  # add each channel's i-th extra point
+            ex = deq(node('Gather', [src, G.init('i', idx)], axis=1), lay['level_k'][i])
+            out = node('Add', [out, ex])
+        node('Identity', [out], [y])
+        return made
 
     def _route_output(self, unit: _QConvUnit, rec: ConvRecord) -> None:
         """Finds or inserts the QuantizeLinear after a one-point conv (step 4)."""
@@ -528,14 +565,10 @@ class Int8Builder:
             z = G.init('y_zero', np.array(zero, np.uint8))
             if kind == 'rows':
                 unit = obj
-                R = unit.fac.size
-                G.remove(G.producer(unit.mul))
-                qn = G.node('QuantizeLinear', [t, s, z])
-                # per-row dequantization divides the 2^k of the extra rows back
-                G.node('DequantizeLinear', [qn.output[0],
-                                            G.init('y_scale', (scale * unit.fac).astype(np.float32)),
-                                            G.init('y_zero', np.full(R, zero, np.uint8))],
-                       [unit.mul], axis=1)
+                for n in unit.post:  # the float sum of the calibration graph
+                    G.remove(G.by_name(n))
+                raw, y, lay, C = unit.sum_args
+                unit.post = self._sum_rows(raw, y, lay, C, (s, scale, z))
             else:
                 prod = G.producer(t)
                 pre = G.uniq(t + '_float')
@@ -589,11 +622,13 @@ def tensor_ranges(proto, names: list[str], batches: list[Tensor]) -> dict:
 
 
 def build_int8_onnx(model: nn.Module, example: Tensor, calib_batches: list[Tensor],
-                    int8_outputs: bool = False, opset: int = OPSET):
+                    int8_outputs: bool = False, opset: int = OPSET,
+                    first_point_only: bool = False):
     """(onnx.ModelProto, DeployReport) of the int8 QDQ graph of ``model`` (a quantized
     one-stage detector with act_bits=8). ``calib_batches``: preprocessed images whose
-    ranges set the inserted requantizations."""
-    b = Int8Builder(model, example, int8_outputs, opset)
+    ranges set the inserted requantizations. ``first_point_only`` drops the extra
+    points (a benchmark of their cost, not a model to use)."""
+    b = Int8Builder(model, example, int8_outputs, opset, first_point_only)
     names = b.build()
     ranges = tensor_ranges(b.G.proto(), names, calib_batches) if names else {}
     proto = b.finish(ranges)

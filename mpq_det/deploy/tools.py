@@ -84,3 +84,67 @@ def deploy(cfg, checkpoint: str, out: str | None = None, fp32: str | None = None
 
 
 __all__ = ['DeployReport', 'calib_batches', 'deploy', 'load_detector']
+
+
+# -------------------------------------------------------------- mmdet RetinaNet-R50
+def _strip_pretrained(cfg) -> None:
+    """Drops 'Pretrained' init_cfgs and ``pretrained=`` (nothing to download here)."""
+    if isinstance(cfg, dict):
+        for k in list(cfg.keys()):
+            if k == 'pretrained':
+                cfg[k] = None
+            elif k == 'init_cfg' and isinstance(cfg[k], dict) and \
+                    cfg[k].get('type') == 'Pretrained':
+                cfg[k] = None
+            else:
+                _strip_pretrained(cfg[k])
+    elif isinstance(cfg, list):
+        for v in cfg:
+            _strip_pretrained(v)
+
+
+def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int = 4,
+               budget: float = 0.05, seed: int = 0) -> dict[str, str]:
+    """mmdet's packaged RetinaNet-R50 (random init), quantized W{bits}A8 by our model
+    pass (multipoint, global budget) on two random images of ``calib_size``, written as
+    FP32, int8 and int8-without-extra-points ONNX graphs (dynamic image size).
+    Returns {kind: path}. For speed only: the weights are random."""
+    import os
+    import os.path as osp
+
+    import mmdet
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+
+    from ..hook import component_of
+    from ..model_pass import QuantSettings, StatsCollector, plan_layers, quantize_model
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = Config.fromfile(osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs',
+                                   'retinanet', 'retinanet_r50_fpn_1x_coco.py'))
+    init_default_scope('mmdet')
+    model_cfg = cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else dict(cfg.model)
+    _strip_pretrained(model_cfg)
+    torch.manual_seed(seed)
+    model = MODELS.build(model_cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(1, 3, *calib_size, generator=g) for _ in range(2)]
+    s = QuantSettings(bits=bits, budget=budget)
+    plans, _, _ = plan_layers(model, component_of,
+                              {'backbone': s, 'neck': s, 'head': s})
+    collector = StatsCollector(plans)
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x, None, mode='tensor')
+    finally:
+        collector.remove()
+    quantize_model(model, plans, collector.stats, act_bits=8)
+    paths = {k: osp.join(out_dir, f'retinanet_r50_{k}.onnx')
+             for k in ('fp32', 'int8', 'int8_one_point')}
+    write_bytes_atomic(torch_to_onnx(float_twin(model), batches[0]).SerializeToString(),
+                       paths['fp32'])
+    for kind, first in (('int8', False), ('int8_one_point', True)):
+        proto, report = build_int8_onnx(model, batches[0], batches, first_point_only=first)
+        write_bytes_atomic(proto.SerializeToString(), paths[kind])
+    return paths
