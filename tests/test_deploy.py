@@ -60,6 +60,7 @@ def random_bn(model: nn.Module, g: torch.Generator) -> None:
             m.bias.data = torch.randn(C, generator=g) * 0.1
             m.running_mean.data = torch.randn(C, generator=g) * 0.1
             m.running_var.data = torch.rand(C, generator=g) + 0.5
+            m.weight.data[0] = 0.0  # a zero factor (mmdet's zero_init_residual)
 
 
 def quantize(model: nn.Module, batches: list, bits: int = 4, max_points: int = 1,

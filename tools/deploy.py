@@ -8,7 +8,11 @@ QUANTIZED.pth is an export made with 8-bit activations:
 The graph runs from the preprocessed image batch to the raw head outputs (backbone,
 neck, dense head); test it with ``tools/test.py CONFIG QUANTIZED.pth --onnx model_int8.onnx``.
 It prints what stays float and why, the convs onnxruntime runs as QLinearConv, and
-the max relative difference of the raw outputs against PyTorch (exit code 1 above --tol).
+how far the raw outputs are from PyTorch's: the max relative difference and the
+relative L2 difference (exit code 1 when the latter is above --tol). Both models round
+activations to 8 bits; a value that lands on a rounding boundary in one and not the
+other moves by one step, and such flips multiply with depth, so the max difference of
+a deep net is large while its relative L2 stays small.
 """
 import argparse
 import sys
@@ -32,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument('--calib-images', type=int, help='calibration images of the inserted '
                                                     'requantizations (default: the export\'s)')
     p.add_argument('--tol', type=float, default=0.05,
-                   help='max relative difference of the int8 raw outputs vs PyTorch')
+                   help='largest relative L2 difference of the int8 raw outputs vs PyTorch')
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = p.parse_args(argv)
     if not (args.out or args.fp32):
@@ -51,11 +55,12 @@ def main(argv=None) -> int:
     if 'int8_max_rel_diff' in r:
         k = r['kernels']
         print(f'int8: {k["integer_convs"]} QLinearConv, {k["conv_integer"]} ConvInteger, '
-              f'{k["float_convs"]} float convs; max rel diff vs PyTorch '
-              f'{r["int8_max_rel_diff"]:.3e} (tol {args.tol:g})')
+              f'{k["float_convs"]} float convs; vs PyTorch: max rel diff '
+              f'{r["int8_max_rel_diff"]:.3e}, relative L2 {r["int8_rel_l2_diff"]:.3e} '
+              f'(tol {args.tol:g})')
     if 'fp32_max_rel_diff' in r:
         print(f'fp32: max rel diff vs PyTorch {r["fp32_max_rel_diff"]:.3e}')
-    if r.get('int8_max_rel_diff', 0.0) > args.tol or r.get('fp32_max_rel_diff', 0.0) > 1e-4:
+    if r.get('int8_rel_l2_diff', 0.0) > args.tol or r.get('fp32_max_rel_diff', 0.0) > 1e-4:
         print('FAILED: above tolerance', file=sys.stderr)
         return 1
     return 0

@@ -233,6 +233,16 @@ def max_rel_diff(a: list[Tensor], b: list[Tensor]) -> float:
     return worst
 
 
+def rel_l2_diff(a: list[Tensor], b: list[Tensor]) -> float:
+    """max over outputs of ||a - b|| / ||b|| (b: the reference): unlike max_rel_diff,
+    a few flipped roundings barely move it."""
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
+        worst = max(worst, float((x - y).norm() / y.norm().clamp_min(1e-12)))
+    return worst
+
+
 @torch.no_grad()
 def raw_outputs(model: nn.Module, inputs: Tensor, data_samples: list | None = None
                 ) -> list[Tensor]:

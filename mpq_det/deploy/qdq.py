@@ -454,7 +454,9 @@ class Int8Builder:
         neg = w_scales < 0  # a negative point scale: flip its codes too
         codes[neg] *= -1
         w_scales = np.abs(w_scales)
-        w_scales[w_scales == 0] = 1.0  # all-zero rows: any scale
+        zero = w_scales == 0  # a zero BN factor (zero_init_residual) or scale: a zero row
+        codes[zero] = 0
+        w_scales[zero] = 1.0
         kh, kw = q.kernel_size
         wq = G.init('w_int8', codes.astype(np.int8).reshape(R, -1, kh, kw))
         ws = G.init('w_scale', w_scales)

@@ -9,8 +9,8 @@ from torch import Tensor
 from ..calibration import build_calib_loader
 from ..export import _log, _unwrap, is_quantized_checkpoint, load_quantized_model, \
     read_checkpoint
-from .convert import build_float_model, max_rel_diff, raw_outputs, sample_inputs, \
-    write_bytes_atomic
+from .convert import build_float_model, max_rel_diff, raw_outputs, rel_l2_diff, \
+    sample_inputs, write_bytes_atomic
 from .ort import integer_kernel_counts, make_session, run_session
 from .qdq import DeployReport, build_int8_onnx, float_twin, torch_to_onnx
 
@@ -60,8 +60,9 @@ def deploy(cfg, checkpoint: str, out: str | None = None, fp32: str | None = None
         proto, report = build_int8_onnx(model, batches[0], batches, int8_outputs)
         onnx.checker.check_model(proto)
         write_bytes_atomic(proto.SerializeToString(), out)
-        got = run_session(make_session(out), inputs)
-        result['int8_max_rel_diff'] = max_rel_diff([torch.from_numpy(g) for g in got], ref)
+        got = [torch.from_numpy(g) for g in run_session(make_session(out), inputs)]
+        result['int8_max_rel_diff'] = max_rel_diff(got, ref)
+        result['int8_rel_l2_diff'] = rel_l2_diff(got, ref)
         result['report'] = report
         result['kernels'] = integer_kernel_counts(out)
         for line in report.lines():
@@ -70,7 +71,7 @@ def deploy(cfg, checkpoint: str, out: str | None = None, fp32: str | None = None
         _log(f'int8 graph {out}: onnxruntime optimized graph has {k["integer_convs"]} '
              f'QLinearConv, {k["conv_integer"]} ConvInteger, {k["float_convs"]} float convs; '
              f'raw outputs vs PyTorch on {check_images} test images: max rel diff '
-             f'{result["int8_max_rel_diff"]:.3e}')
+             f'{result["int8_max_rel_diff"]:.3e}, relative L2 {result["int8_rel_l2_diff"]:.3e}')
     if fp32:
         proto = torch_to_onnx(float_twin(model), inputs[:1], fold_bn=True)
         write_bytes_atomic(proto.SerializeToString(), fp32)
