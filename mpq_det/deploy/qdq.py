@@ -40,6 +40,7 @@ How it is built:
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import math
 from collections import defaultdict
@@ -367,6 +368,7 @@ class Int8Builder:
         self.units: list[_QConvUnit] = []
         self.calib: dict[str, tuple] = {}  # tensor -> ('rows', unit) | ('out', conv)
         self._act_q: dict[tuple, tuple[str, str]] = {}  # (x, scale, zero) -> (Q, DQ out)
+        self._weights: dict[str, tuple[str, str]] = {}  # content -> (weight DQ, bias)
 
     # -------------------------------------------------------------------- phase 1
     def build(self) -> list[str]:
@@ -458,13 +460,18 @@ class Int8Builder:
         codes[zero] = 0
         w_scales[zero] = 1.0
         kh, kw = q.kernel_size
-        wq = G.init('w_int8', codes.astype(np.int8).reshape(R, -1, kh, kw))
-        ws = G.init('w_scale', w_scales)
-        wz = G.init('w_zero', np.zeros(R, np.int8))
-        wdq = G.node('DequantizeLinear', [wq, ws, wz], axis=0).output[0]
-        row_bias = np.zeros(R)
+        codes = codes.astype(np.int8).reshape(R, -1, kh, kw)
+        row_bias = np.zeros(R, np.float32)
         row_bias[lay['main']] = b
-        bname = G.init('bias', row_bias.astype(np.float32))
+        # a head shared by the pyramid levels is one Conv node per level: one copy
+        key = hashlib.sha1(codes.tobytes() + w_scales.tobytes() + row_bias.tobytes() +
+                           str(codes.shape).encode()).hexdigest()
+        if key not in self._weights:
+            wdq = G.node('DequantizeLinear', [G.init('w_int8', codes), G.init('w_scale', w_scales),
+                                              G.init('w_zero', np.zeros(R, np.int8))],
+                         axis=0).output[0]
+            self._weights[key] = (wdq, G.init('bias', row_bias))
+        wdq, bname = self._weights[key]
         x_scale = float(q.act_scale)
         xdq = self._act_qdq(conv.input[0], x_scale, float(q.act_zero))
         y = conv.output[0]
@@ -579,13 +586,16 @@ class Int8Builder:
                         prod.output[i] = pre
                 qn = G.node('QuantizeLinear', [pre, s, z])
                 G.node('DequantizeLinear', [qn.output[0], s, z], [t])
+        biases: dict[tuple, str] = {}
         for unit in self.units:  # int32 bias at scale x_scale * w_scale (what QLinearConv adds)
-            bs = (np.float32(unit.x_scale) * unit.w_scales).astype(np.float32)
-            bq = np.clip(np.round(unit.bias / bs), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
-            dq = G.node('DequantizeLinear', [G.init('bias_int32', bq), G.init('bias_scale', bs),
-                                             G.init('bias_zero', np.zeros(bq.size, np.int32))],
-                        axis=0)
-            G.by_name(unit.conv).input[2] = dq.output[0]
+            key = (unit.bias_name, unit.x_scale)
+            if key not in biases:
+                bs = (np.float32(unit.x_scale) * unit.w_scales).astype(np.float32)
+                bq = np.clip(np.round(unit.bias / bs), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+                biases[key] = G.node('DequantizeLinear', [
+                    G.init('bias_int32', bq), G.init('bias_scale', bs),
+                    G.init('bias_zero', np.zeros(bq.size, np.int32))], axis=0).output[0]
+            G.by_name(unit.conv).input[2] = biases[key]
         self._count_float_ops()
         return G.proto()
 
