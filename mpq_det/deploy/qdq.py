@@ -289,7 +289,9 @@ def row_layout(q: QConv2d, first_point_only: bool = False) -> dict:
     for g in range(G):
         chans = range(g * cpg, (g + 1) * cpg)
         main = [(j, start[j]) for j in chans]
-        extra = [(j, start[j] + i) for j in chans for i in range(1, npts[j])]
+        # level-major: a dense conv's i-th extra points are one contiguous block
+        extra = [(j, start[j] + i) for i in range(1, int(npts.max())) for j in chans
+                 if i < npts[j]]
         per_group.append(main + extra)
     Rg = max(len(r) for r in per_group)
     n_levels = int(npts.max()) - 1
@@ -518,16 +520,38 @@ class Int8Builder:
                                                                           np.float32))])
             return node('DequantizeLinear', [t, G.init('y_scale', np.array(
                 q[1] * 2.0 ** -k, np.float32)), q[2]])
-        if np.array_equal(lay['main'], np.arange(C)):
-            main = node('Slice', [src, G.init('i', np.array([0])), G.init('i', np.array([C])),
+        def sl(t: str, a: int, b: int) -> str:
+            return node('Slice', [t, G.init('i', np.array([a])), G.init('i', np.array([b])),
                                   G.init('i', np.array([1]))])
-        else:
-            main = node('Gather', [src, G.init('i', lay['main'])], axis=1)
-        out = deq(main, 0)
-        for i, idx in enumerate(lay['levels']):  # add each channel's i-th extra point
-            ex = deq(node('Gather', [src, G.init('i', idx)], axis=1), lay['level_k'][i])
-            out = node('Add', [out, ex])
-        node('Identity', [out], [y])
+        if not np.array_equal(lay['main'], np.arange(C)):  # grouped: rows per group
+            out = deq(node('Gather', [src, G.init('i', lay['main'])], axis=1), 0)
+            for i, idx in enumerate(lay['levels']):  # add each channel's i-th extra point
+                ex = deq(node('Gather', [src, G.init('i', idx)], axis=1), lay['level_k'][i])
+                out = node('Add', [out, ex])
+            node('Identity', [out], [y])
+            return made
+        # dense conv: Slice/Add/Concat only, which onnxruntime's layout optimizer moves
+        # its NHWC transposes through (a Gather stops them: a transpose pair per layer)
+        main = deq(sl(src, 0, C), 0)
+        levels, start = [], C
+        for i, idx in enumerate(lay['levels']):
+            n = int((lay['chan'][idx] >= 0).sum())
+            levels.append(deq(sl(src, start, start + n), lay['level_k'][i]))
+            start += n
+        npts = 1 + sum((lay['chan'][idx] >= 0).astype(np.int64) for idx in lay['levels'])
+        pos = [0] * len(levels)  # next channel of each level block
+        parts, a = [], 0
+        while a < C:  # runs of channels with the same number of points
+            b = a
+            while b < C and npts[b] == npts[a]:
+                b += 1
+            piece = sl(main, a, b)
+            for i in range(int(npts[a]) - 1):
+                piece = node('Add', [piece, sl(levels[i], pos[i], pos[i] + b - a)])
+                pos[i] += b - a
+            parts.append(piece)
+            a = b
+        node('Concat', parts, [y], axis=1) if len(parts) > 1 else node('Identity', parts, [y])
         return made
 
     def _route_output(self, unit: _QConvUnit, rec: ConvRecord) -> None:
