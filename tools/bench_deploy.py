@@ -8,8 +8,9 @@ Per graph pair and thread count: median and spread of ``--repeats`` timed runs a
 memory onnxruntime adds (a fresh process per graph), and the convolutions of the
 optimized graph that run as integer kernels (QLinearConv) or in float. ``--r50``
 adds mmdet's RetinaNet-R50 (random init, quantized W4A8 by our model pass) at mmdet's
-test scale (800x1333, padded to 800x1344), batch 1, with the int8 graph without
-extra points as a third column; the last line is
+test scale (800x1333, padded to 800x1344), batch 1, with two more int8 graphs: with
+its head outputs requantized too (--int8-outputs of tools/deploy.py) and without the
+extra points (what they cost); the last line is
 ``int8_speedup=<fp32 median / int8 median>`` for it at 1 thread.
 """
 import argparse

@@ -108,7 +108,8 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
                budget: float = 0.05, seed: int = 0) -> dict[str, str]:
     """mmdet's packaged RetinaNet-R50 (random init), quantized W{bits}A8 by our model
     pass (multipoint, global budget) on two random images of ``calib_size``, written as
-    FP32, int8 and int8-without-extra-points ONNX graphs (dynamic image size).
+    FP32, int8, int8 with int8 head outputs, and int8-without-extra-points ONNX
+    graphs (dynamic image size).
     Returns {kind: path}. For speed only: the weights are random."""
     import os
     import os.path as osp
@@ -141,11 +142,12 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
     finally:
         collector.remove()
     quantize_model(model, plans, collector.stats, act_bits=8)
-    paths = {k: osp.join(out_dir, f'retinanet_r50_{k}.onnx')
-             for k in ('fp32', 'int8', 'int8_one_point')}
+    variants = {'int8': {}, 'int8_outputs': dict(int8_outputs=True),
+                'int8_one_point': dict(first_point_only=True)}
+    paths = {k: osp.join(out_dir, f'retinanet_r50_{k}.onnx') for k in ['fp32', *variants]}
     write_bytes_atomic(torch_to_onnx(float_twin(model), batches[0]).SerializeToString(),
                        paths['fp32'])
-    for kind, first in (('int8', False), ('int8_one_point', True)):
-        proto, report = build_int8_onnx(model, batches[0], batches, first_point_only=first)
+    for kind, kw in variants.items():
+        proto, _ = build_int8_onnx(model, batches[0], batches, **kw)
         write_bytes_atomic(proto.SerializeToString(), paths[kind])
     return paths
