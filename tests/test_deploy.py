@@ -107,6 +107,13 @@ def toy(max_points: int, residual: bool = True, seed: int = 0, skip=()) -> nn.Mo
                     skip=skip)
 
 
+def conv_nodes(model, exclude=()) -> int:
+    """Conv nodes of the int8 graph: one per layer, one per point level for a grouped
+    multipoint layer."""
+    return sum(int(m.npoints.max()) if m.groups > 1 else 1 for n, m in model.named_modules()
+               if isinstance(m, QConv2d) and n not in exclude)
+
+
 def deploy(model, tmp_path, int8_outputs=False):
     calib = images(4, 2)  # the calibration images of toy()
     proto, report = build_int8_onnx(model, calib[0], calib, int8_outputs=int8_outputs)
@@ -136,8 +143,9 @@ def test_int8_outputs_match_pytorch_w4a8(max_points, tmp_path):
     assert d <= TOL
     counts = integer_kernel_counts(path)
     print(counts)
-    # every conv but the two output convs (kept float by default) runs as QLinearConv
-    assert counts['integer_convs'] == len(npts) - 2
+    # every conv but the two output convs (kept float by default) runs as QLinearConv;
+    # a grouped multipoint conv as one conv per point level
+    assert counts['integer_convs'] == conv_nodes(model, exclude=('cls', 'reg'))
     assert counts['float_convs'] == 2 and counts['conv_integer'] == 0
     names = {c.name for c in report.non_integer}
     assert names == {'cls', 'reg'}
@@ -149,7 +157,7 @@ def test_int8_outputs_option(tmp_path):
     path, report = deploy(model, tmp_path, int8_outputs=True)
     assert not report.non_integer
     counts = integer_kernel_counts(path)
-    assert counts['float_convs'] == 0 and counts['integer_convs'] == len(report.convs)
+    assert counts['float_convs'] == 0 and counts['integer_convs'] == conv_nodes(model)
     assert compare(model, path) <= TOL
 
 
@@ -163,6 +171,27 @@ def test_a_plain_chain_rounds_where_pytorch_does(tmp_path):
     d = compare(model, path)
     print(f'chain: int8 ONNX vs PyTorch W4A8 max rel diff {d:.3e}')
     assert d <= TOL_CHAIN
+
+
+def test_depthwise_multipoint_stays_depthwise(tmp_path):
+    """A depthwise conv with extra points becomes one depthwise conv per point level
+    (onnxruntime's depthwise kernel), never a conv with several rows per group."""
+    import onnx
+    from onnx import numpy_helper
+    model = toy(3)
+    assert int(model.dw[0].npoints.max()) == 3
+    path, report = deploy(model, tmp_path)
+    g = onnx.load(path).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    grouped = [n for n in g.node if n.op_type == 'Conv' and
+               any(a.name == 'group' and a.i > 1 for a in n.attribute)]
+    assert len(grouped) == 3
+    for n in grouped:
+        w = inits[producers[n.input[1]].input[0]]  # DequantizeLinear of int8 codes
+        assert w.dtype == np.int8 and w.shape[:2] == (16, 1)
+    rec = next(c for c in report.convs if c.name == 'dw.0')
+    assert rec.integer and 'point levels' in rec.reason
 
 
 def test_multipoint_rows_and_depthwise_layout():

@@ -84,7 +84,8 @@ class DeployReport:
 
     def lines(self) -> list[str]:
         n, k = len(self.convs), sum(c.integer for c in self.convs)
-        out = [f'convs in the graph: {n}, integer-ready (DQ -> Conv -> Q): {k}']
+        out = [f'conv nodes of the exported net: {n} (a shared head: one per pyramid level), '
+               f'integer-ready (DQ -> Conv -> Q): {k}']
         calib = sum(c.output_q == 'calibrated' for c in self.convs)
         extra = sum(c.rows > c.out_channels for c in self.convs)
         out.append(f'output requantized at the next layer\'s input scale: '
@@ -343,6 +344,7 @@ class _QConvUnit:
     raw: str                   # conv output: rows before the sum
     fac: np.ndarray | None     # per-row 2^-k (multipoint) or None
     sum_args: tuple = ()       # (conv output, layer output, row_layout, C) if multipoint
+    routed: bool = False       # its output requantization is already decided
     post: list[str] = field(default_factory=list)  # nodes that sum the rows
 
 
@@ -370,7 +372,7 @@ class Int8Builder:
         self.units: list[_QConvUnit] = []
         self.calib: dict[str, tuple] = {}  # tensor -> ('rows', unit) | ('out', conv)
         self._act_q: dict[tuple, tuple[str, str]] = {}  # (x, scale, zero) -> (Q, DQ out)
-        self._weights: dict[str, tuple[str, str]] = {}  # content -> (weight DQ, bias)
+        self._weights_seen: dict[str, tuple[str, str]] = {}  # content -> (weight DQ, bias)
 
     # -------------------------------------------------------------------- phase 1
     def build(self) -> list[str]:
@@ -394,7 +396,7 @@ class Int8Builder:
                 continue
             self._quantize_conv(conv, q, mult, bias, rec)
         for unit in self.units:
-            if unit.fac is None:
+            if unit.fac is None and not unit.routed:
                 self._route_output(unit, records[unit.conv])
         self.report.convs = list(records.values())
         return list(self.calib)
@@ -443,40 +445,53 @@ class Int8Builder:
             self._act_q[key] = (qn.name, dq.output[0])
         return self._act_q[key][1]
 
-    def _quantize_conv(self, conv, q: QConv2d, mult, bias, rec: ConvRecord) -> None:
+    def _weights(self, codes: np.ndarray, scales: np.ndarray, chan: np.ndarray,
+                 mult: np.ndarray, bias: np.ndarray, kernel) -> tuple[str, str, np.ndarray]:
+        """(weight DQ output, float bias initializer, weight scales) of conv rows: the
+        BN factor of each row's channel (``chan`` -1: a zero row) folded into its scale,
+        a negative scale or factor as flipped codes. One copy per distinct content (a
+        head shared by the pyramid levels is one Conv node per level)."""
         G = self.G
-        C = q.out_channels
-        lay = row_layout(q, self.first_point_only)
-        R = lay['codes'].shape[0]
-        m = np.ones(C) if mult is None else mult
-        b = (np.zeros(C) if q.bias is None else q.bias.detach().cpu().double().numpy()) \
-            if bias is None else bias
-        chan = lay['chan']
-        mrow = np.where(chan >= 0, m[np.maximum(chan, 0)], 1.0)
-        codes = lay['codes'].astype(np.int16) * np.where(mrow < 0, -1, 1)[:, None]
-        w_scales = (lay['scales'] * np.abs(mrow)).astype(np.float32)
-        neg = w_scales < 0  # a negative point scale: flip its codes too
-        codes[neg] *= -1
+        R = codes.shape[0]
+        mrow = np.where(chan >= 0, mult[np.maximum(chan, 0)], 1.0)
+        codes = codes.astype(np.int16) * np.where(mrow < 0, -1, 1)[:, None]
+        w_scales = (scales * np.abs(mrow)).astype(np.float32)
+        codes[w_scales < 0] *= -1
         w_scales = np.abs(w_scales)
         zero = w_scales == 0  # a zero BN factor (zero_init_residual) or scale: a zero row
         codes[zero] = 0
         w_scales[zero] = 1.0
-        kh, kw = q.kernel_size
-        codes = codes.astype(np.int8).reshape(R, -1, kh, kw)
-        row_bias = np.zeros(R, np.float32)
-        row_bias[lay['main']] = b
-        # a head shared by the pyramid levels is one Conv node per level: one copy
-        key = hashlib.sha1(codes.tobytes() + w_scales.tobytes() + row_bias.tobytes() +
+        codes = codes.astype(np.int8).reshape(R, -1, *kernel)
+        bias = bias.astype(np.float32)
+        key = hashlib.sha1(codes.tobytes() + w_scales.tobytes() + bias.tobytes() +
                            str(codes.shape).encode()).hexdigest()
-        if key not in self._weights:
-            wdq = G.node('DequantizeLinear', [G.init('w_int8', codes), G.init('w_scale', w_scales),
+        if key not in self._weights_seen:
+            wdq = G.node('DequantizeLinear', [G.init('w_int8', codes),
+                                              G.init('w_scale', w_scales),
                                               G.init('w_zero', np.zeros(R, np.int8))],
                          axis=0).output[0]
-            self._weights[key] = (wdq, G.init('bias', row_bias))
-        wdq, bname = self._weights[key]
+            self._weights_seen[key] = (wdq, G.init('bias', bias))
+        return (*self._weights_seen[key], w_scales)
+
+    def _quantize_conv(self, conv, q: QConv2d, mult, bias, rec: ConvRecord) -> None:
+        G = self.G
+        C = q.out_channels
+        m = np.ones(C) if mult is None else mult
+        b = (np.zeros(C) if q.bias is None else q.bias.detach().cpu().double().numpy()) \
+            if bias is None else bias
         x_scale = float(q.act_scale)
         xdq = self._act_qdq(conv.input[0], x_scale, float(q.act_zero))
         y = conv.output[0]
+        final = not self.int8_outputs and not G.descendants_have(y, 'Conv')
+        rec.integer = True
+        if q.groups > 1 and int(q.npoints.max()) > 1 and not self.first_point_only:
+            return self._grouped_levels(conv, q, m, b, xdq, x_scale, y, final, rec)
+        lay = row_layout(q, self.first_point_only)
+        R = lay['codes'].shape[0]
+        row_bias = np.zeros(R)
+        row_bias[lay['main']] = b
+        wdq, bname, w_scales = self._weights(lay['codes'], lay['scales'], lay['chan'], m,
+                                             row_bias, q.kernel_size)
         multipoint = R > C
         raw = G.uniq(y + '_rows') if multipoint else y
         del conv.input[:]
@@ -485,19 +500,70 @@ class Int8Builder:
         unit = _QConvUnit(rec.name, conv.name, xdq, x_scale, w_scales, row_bias, bname, raw,
                           lay['fac'] if multipoint else None)
         self.units.append(unit)
-        rec.integer, rec.rows = True, R
+        rec.rows = R
         if not multipoint:
             return
         unit.sum_args = (raw, y, lay, C)
         unit.post = self._sum_rows(raw, y, lay, C)
         rec.reason = (f'{int(lay["extra"].size)} extra rows, {R - C - int(lay["extra"].size)} '
                       'padding rows')
-        if not self.int8_outputs and not G.descendants_have(y, 'Conv'):
+        if final:
             rec.integer, rec.output_q = False, 'float'
             rec.reason += '; makes a raw head output, kept float (int8_outputs=True quantizes it)'
             return
         self.calib[raw] = ('rows', unit)
         rec.output_q = 'calibrated'
+
+    def _grouped_levels(self, conv, q: QConv2d, m, b, xdq: str, x_scale: float, y: str,
+                        final: bool, rec: ConvRecord) -> None:
+        """A grouped (depthwise) multipoint conv: one conv of the same shape per point
+        level (zero rows for the channels without that point), each with its own
+        output scale, summed by Adds (issue 11's first option). Extra rows inside the
+        groups would make onnxruntime leave its depthwise kernel for a per-group GEMM,
+        and make the rows' sum a Gather."""
+        G = self.G
+        C = q.out_channels
+        codes = q.codes.cpu().numpy()
+        scales = q.scales.cpu().numpy().astype(np.float64)
+        npts = q.npoints.cpu().numpy().astype(np.int64)
+        start = np.concatenate([[0], np.cumsum(npts)[:-1]])
+        attrs = {a.name: a for a in conv.attribute}
+        outs = []
+        for lvl in range(int(npts.max())):
+            has = npts > lvl
+            lc = np.zeros((C, codes.shape[1]), np.int8)
+            ls = np.zeros(C)
+            lc[has] = codes[start[has] + lvl]
+            ls[has] = scales[start[has] + lvl]
+            lb = b if lvl == 0 else np.zeros(C)
+            wdq, bname, w_scales = self._weights(lc, ls, np.arange(C), m, lb, q.kernel_size)
+            raw = G.uniq(f'{y}_point{lvl}')
+            if lvl == 0:
+                nd = conv
+                del nd.input[:]
+                nd.input.extend([xdq, wdq, bname])
+                nd.output[0] = raw
+            else:
+                nd = G.node('Conv', [xdq, wdq, bname], [raw])
+                nd.attribute.extend(copy.deepcopy(list(attrs.values())))
+            self.units.append(_QConvUnit(f'{rec.name}[point {lvl}]', nd.name, xdq, x_scale,
+                                         w_scales, lb, bname, raw, None, routed=True))
+            if not final:
+                self.calib[raw] = ('out', rec)
+            outs.append(raw)
+        acc = outs[0]
+        for o in outs[1:]:
+            acc = G.node('Add', [acc, o]).output[0]
+        G.node('Identity', [acc], [y])
+        rec.rows = C * len(outs)
+        rec.reason = (f'{len(outs) - 1} extra point levels as convs of their own '
+                      f'({int(npts.sum()) - C} extra rows, {C * len(outs) - int(npts.sum())} '
+                      'zero rows)')
+        if final:
+            rec.integer, rec.output_q = False, 'float'
+            rec.reason += '; makes a raw head output, kept float (int8_outputs=True quantizes it)'
+        else:
+            rec.output_q = 'calibrated'
 
     def _sum_rows(self, raw: str, y: str, lay: dict, C: int,
                   q: tuple[str, float, str] | None = None) -> list[str]:
@@ -523,13 +589,9 @@ class Int8Builder:
         def sl(t: str, a: int, b: int) -> str:
             return node('Slice', [t, G.init('i', np.array([a])), G.init('i', np.array([b])),
                                   G.init('i', np.array([1]))])
-        if not np.array_equal(lay['main'], np.arange(C)):  # grouped: rows per group
-            out = deq(node('Gather', [src, G.init('i', lay['main'])], axis=1), 0)
-            for i, idx in enumerate(lay['levels']):  # add each channel's i-th extra point
-                ex = deq(node('Gather', [src, G.init('i', idx)], axis=1), lay['level_k'][i])
-                out = node('Add', [out, ex])
-            node('Identity', [out], [y])
-            return made
+        if not np.array_equal(lay['main'], np.arange(C)):
+            raise ValueError('grouped multipoint convs are deployed as one conv per point '
+                             'level (_grouped_levels)')
         # dense conv: Slice/Add/Concat only, which onnxruntime's layout optimizer moves
         # its NHWC transposes through (a Gather stops them: a transpose pair per layer)
         main = deq(sl(src, 0, C), 0)
