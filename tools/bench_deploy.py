@@ -57,13 +57,13 @@ def bench(name: str, paths: dict, shape: tuple, args, repeats: int) -> dict[int,
         for k, p in paths.items():
             v = sorted(times[k])
             kc = kernels[k]
+            peak = f' | peak mem {mem[k]:.0f} MiB' if mem else ''
             print(f'{name} | {k} | {t} thread(s) | median {med[k] * 1e3:.1f} ms '
                   f'(min {v[0] * 1e3:.1f}, max {v[-1] * 1e3:.1f}, n={len(v)}) | '
                   f'speedup vs fp32 {med["fp32"] / med[k]:.2f}x | file {sizes[k]:.3f} MiB '
-                  f'({sizes[k] / sizes["fp32"]:.3f} of fp32) | peak mem '
-                  f'{mem[k]:.0f} MiB' if mem else '', end='')
-            print(f' | convs: {kc["integer_convs"]} QLinearConv, {kc["conv_integer"]} '
-                  f'ConvInteger, {kc["float_convs"]} float', flush=True)
+                  f'({sizes[k] / sizes["fp32"]:.3f} of fp32){peak} | convs: '
+                  f'{kc["integer_convs"]} QLinearConv, {kc["conv_integer"]} ConvInteger, '
+                  f'{kc["float_convs"]} float', flush=True)
     return out
 
 

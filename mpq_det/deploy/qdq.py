@@ -512,6 +512,8 @@ class Int8Builder:
             rec.reason += '; makes a raw head output, kept float (int8_outputs=True quantizes it)'
             return
         self.calib[raw] = ('rows', unit)
+        if 'seg_out' in lay:  # the integer segment sum's own output scale
+            self.calib[lay['seg_out']] = ('out', rec)
         rec.output_q = 'calibrated'
 
     def _grouped_levels(self, conv, q: QConv2d, m, b, xdq: str, x_scale: float, y: str,
@@ -567,10 +569,55 @@ class Int8Builder:
 
     def _sum_rows(self, raw: str, y: str, lay: dict, C: int,
                   q: tuple[str, float, str] | None = None) -> list[str]:
-        """y = main rows + each level's gathered extra rows, times 2^-k. ``q`` = (scale
-        init, scale, zero init): ``raw`` is requantized per tensor and the slices are
-        dequantized (the level's scale times 2^-k); else float (calibration graph).
-        Returns the names of the nodes made."""
+        """y = main rows + each channel's extra rows times 2^-k of their level. ``q`` =
+        (scale init, scale, zero init): ``raw`` is requantized per tensor and its slices
+        dequantized; else float (calibration graph). Returns the nodes made.
+
+        The extra rows (E of them, after the C main rows) go through a 1x1 integer conv
+        E -> C whose weights are 2^(k_max - k) at (channel, its extra row) and 0
+        elsewhere (E*C multiply-adds per pixel, the E extra rows only, not the C main
+        rows), then an integer Add: onnxruntime runs both as integer kernels. When
+        the levels' powers of two differ by more than 6 (weights beyond int8), the sum
+        is Slices, Adds and a Concat in float."""
+        ex = lay['extra']
+        k_row = np.round(-np.log2(lay['fac'][ex])).astype(np.int64)
+        chan = lay['chan'][ex]
+        k_max = np.zeros(C, np.int64)
+        np.maximum.at(k_max, chan, k_row)
+        if (k_max[chan] - k_row).max(initial=0) > 6:
+            return self._sum_rows_slices(raw, y, lay, C, q)
+        G = self.G
+        made = []
+
+        def node(*a, **kw):
+            nd = G.node(*a, **kw)
+            made.append(nd.name)
+            return nd.output[0]
+
+        def sl(t: str, a: int, b: int) -> str:
+            return node('Slice', [t, G.init('i', np.array([a])), G.init('i', np.array([b])),
+                                  G.init('i', np.array([1]))])
+        E = ex.size
+        w = np.zeros((C, E, 1, 1), np.int8)
+        w[chan, np.arange(E), 0, 0] = 2 ** (k_max[chan] - k_row)
+        w_scale = (2.0 ** -k_max).astype(np.float32)
+        seg_w = node('DequantizeLinear', [G.init('seg_w', w), G.init('seg_scale', w_scale),
+                                          G.init('seg_zero', np.zeros(C, np.int8))], axis=0)
+        seg = lay.setdefault('seg_out', G.uniq(y + '_extra_sum'))
+        if q is None:
+            main, extra = sl(raw, 0, C), sl(raw, C, C + E)
+        else:
+            src = node('QuantizeLinear', [raw, q[0], q[2]])
+            main = node('DequantizeLinear', [sl(src, 0, C), q[0], q[2]])
+            extra = node('DequantizeLinear', [sl(src, C, C + E), q[0], q[2]])
+        node('Conv', [extra, seg_w], [seg], kernel_shape=[1, 1])
+        node('Add', [main, seg], [y])
+        return made
+
+    def _sum_rows_slices(self, raw: str, y: str, lay: dict, C: int,
+                         q: tuple[str, float, str] | None = None) -> list[str]:
+        """The float sum of ``_sum_rows``: main rows plus, per level, the slices of
+        that level's rows, joined by a Concat."""
         G = self.G
         made = []
 
