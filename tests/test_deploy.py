@@ -157,6 +157,22 @@ def test_int8_outputs_match_pytorch_w4a8(max_points, tmp_path):
     assert all('raw head output' in c.reason for c in report.non_integer)
 
 
+def test_float_sum_of_the_rows(tmp_path, monkeypatch):
+    """The float Slice/Add/Concat sum (used when the levels' powers of two differ too
+    much for int8 weights) gives the same outputs as the integer segment-sum conv."""
+    from mpq_det.deploy import qdq
+    model = toy(3)
+    d_int = compare(model, deploy(model, tmp_path)[0])
+    monkeypatch.setattr(qdq, 'MAX_SEGMENT_SHIFT', -1)
+    path, _ = deploy(model, tmp_path)
+    import onnx
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert 'Concat' in ops
+    d_float = compare(model, path)
+    print(f'segment conv {d_int:.3e}, float sum {d_float:.3e}')
+    assert d_float <= TOL
+
+
 def test_int8_outputs_option(tmp_path):
     model = toy(2)
     path, report = deploy(model, tmp_path, int8_outputs=True)

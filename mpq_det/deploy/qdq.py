@@ -24,18 +24,22 @@ How it is built:
    Otherwise a Q/DQ pair with a range calibrated on images is inserted (an extra
    8-bit rounding), except for the convs that make the raw head outputs: they stay
    float unless ``int8_outputs``.
-5. Extra points. A layer with sum_j n_j > C_out rows is one Conv with the main rows
-   first and the extra rows after them (per group, for grouped convs; groups are
-   padded with zero rows to the same count). Its output is requantized per tensor,
-   which would crush the small extra rows, so the weight scales of the i-th extra
-   points are multiplied by 2^k_i (k_i = the smallest floor(log2(main scale /
-   point scale)) of that level). The main rows are sliced from the uint8 output and
-   dequantized; for each level, a Gather takes each channel's i-th extra row (or a
-   zero row) and a per-tensor DequantizeLinear with scale / 2^k_i divides the 2^k_i
-   back (exact: a power of two); Adds sum them. Cost: one 8-bit rounding of the
-   layer's output that PyTorch does not do (calibrated range; the extra rows are
-   rounded 2^k_i finer) and, per level, a Gather, a DequantizeLinear and an Add on
-   the layer's output, instead of a second conv (the other option of issue 11).
+5. Extra points, dense convs (issue 11's second option). A layer with
+   sum_j n_j > C_out rows is one Conv with the main rows first and the extra rows
+   after them, level by level. Its output is requantized per tensor, which would
+   crush the small extra rows, so the weight scales of the i-th extra points are
+   multiplied by 2^k_i (k_i = the smallest floor(log2(main scale / point scale)) of
+   that level): they are rounded 2^k_i finer. A 1x1 integer conv over the E extra
+   rows only (E*C multiply-adds per pixel, weights 2^(k_max - k_i) at (channel, its
+   row), a power-of-two scale) divides the 2^k_i back and puts each row on its
+   channel; an integer Add adds that to the main rows. Cost: the layer's output
+   rounded once more than in PyTorch (calibrated range), the E*C 1x1 conv and its
+   own rounding. (When the powers of two differ by more than 6, a float sum of
+   Slices, Adds and a Concat does it instead.)
+6. Extra points, grouped and depthwise convs (the first option): one conv of the
+   same shape per point level (zero rows for the channels without that point),
+   each with its own output scale, summed by Adds. Extra rows inside the groups
+   would take onnxruntime off its depthwise kernel (SSDLite ran 15x slower).
 """
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ from ..quant.grid import act_qparams
 from .convert import RawOutputs, _folded_weight, is_two_stage, raw_outputs
 
 OPSET = 17
+MAX_SEGMENT_SHIFT = 6  # int8 weights 2^(k_max - k) of the segment-sum conv: up to 64
 PREFIX = 'detector.'  # RawOutputs wraps the detector: parameter names start with it
 
 
@@ -584,7 +589,7 @@ class Int8Builder:
         chan = lay['chan'][ex]
         k_max = np.zeros(C, np.int64)
         np.maximum.at(k_max, chan, k_row)
-        if (k_max[chan] - k_row).max(initial=0) > 6:
+        if (k_max[chan] - k_row).max(initial=0) > MAX_SEGMENT_SHIFT:
             return self._sum_rows_slices(raw, y, lay, C, q)
         G = self.G
         made = []
