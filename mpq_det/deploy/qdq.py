@@ -23,7 +23,8 @@ How it is built:
    residual Add) then read the same dequantized tensor: that rounding is extra.
    Otherwise a Q/DQ pair with a range calibrated on images is inserted (an extra
    8-bit rounding), except for the convs that make the raw head outputs: they stay
-   float unless ``int8_outputs``.
+   float unless ``int8_outputs``. With ``integer_adds``, a residual Add's identity
+   input reads the next conv's requantized input too, so that the Add is integer.
 5. Extra points, dense convs (issue 11's second option). A layer with
    sum_j n_j > C_out rows is one Conv with the main rows first and the extra rows
    after them, level by level. Its output is requantized per tensor, which would
@@ -82,6 +83,7 @@ class ConvRecord:
 class DeployReport:
     convs: list[ConvRecord] = field(default_factory=list)
     other_float_ops: dict[str, int] = field(default_factory=dict)
+    requantized_add_inputs: int = 0
 
     @property
     def non_integer(self) -> list[ConvRecord]:
@@ -97,6 +99,9 @@ class DeployReport:
                    f'{sum(c.output_q == "next layer" for c in self.convs)}, at a calibrated '
                    f'scale (an extra 8-bit rounding): {calib}, multipoint layers (extra rows): '
                    f'{extra}')
+        if self.requantized_add_inputs:
+            out.append(f'Add inputs that read the next conv\'s requantized input (an extra '
+                       f'8-bit rounding, for integer Adds): {self.requantized_add_inputs}')
         for c in self.non_integer:
             out.append(f'  float conv {c.name}: {c.reason}')
         if self.other_float_ops:
@@ -359,7 +364,8 @@ class Int8Builder:
     what needs a range), ``finish(ranges)`` inserts them."""
 
     def __init__(self, model: nn.Module, inputs: Tensor, int8_outputs: bool = False,
-                 opset: int = OPSET, first_point_only: bool = False):
+                 opset: int = OPSET, first_point_only: bool = False,
+                 integer_adds: bool = True):
         model = _unwrap(model).eval()
         if is_two_stage(model):
             raise ValueError('the int8 ONNX graph covers one-stage detectors (backbone, '
@@ -372,6 +378,7 @@ class Int8Builder:
                              '(tools/export.py ... --cfg-options custom_hooks.0.act_bits=8)')
         self.int8_outputs = int8_outputs
         self.first_point_only = first_point_only
+        self.integer_adds = integer_adds
         self.G = _Graph(torch_to_onnx(float_twin(model), inputs, False, opset))
         self.report = DeployReport()
         self.units: list[_QConvUnit] = []
@@ -403,8 +410,27 @@ class Int8Builder:
         for unit in self.units:
             if unit.fac is None and not unit.routed:
                 self._route_output(unit, records[unit.conv])
+        if self.integer_adds:
+            self._requantized_add_inputs()
         self.report.convs = list(records.values())
         return list(self.calib)
+
+    def _requantized_add_inputs(self) -> None:
+        """An Add input that also feeds a quantized conv (a residual block's identity)
+        reads that conv's requantized input instead of the float tensor: with both
+        inputs dequantized and a QuantizeLinear after it, onnxruntime runs the Add as
+        QLinearAdd. The identity is then rounded to 8 bits, which PyTorch does not do."""
+        G = self.G
+        for (x, _, _), (q_name, dq_out) in self._act_q.items():
+            prod = G.producer(x)
+            if prod is None or prod.op_type == 'Conv':
+                continue  # a conv output's consumers were routed by _route_output
+            for nd in G.consumers(x):
+                if nd.op_type == 'Add':
+                    for i, name in enumerate(nd.input):
+                        if name == x:
+                            nd.input[i] = dq_out
+                    self.report.requantized_add_inputs += 1
 
     @staticmethod
     def _why_float(q) -> str:
@@ -773,12 +799,12 @@ def tensor_ranges(proto, names: list[str], batches: list[Tensor]) -> dict:
 
 def build_int8_onnx(model: nn.Module, example: Tensor, calib_batches: list[Tensor],
                     int8_outputs: bool = False, opset: int = OPSET,
-                    first_point_only: bool = False):
+                    first_point_only: bool = False, integer_adds: bool = True):
     """(onnx.ModelProto, DeployReport) of the int8 QDQ graph of ``model`` (a quantized
     one-stage detector with act_bits=8). ``calib_batches``: preprocessed images whose
     ranges set the inserted requantizations. ``first_point_only`` drops the extra
     points (a benchmark of their cost, not a model to use)."""
-    b = Int8Builder(model, example, int8_outputs, opset, first_point_only)
+    b = Int8Builder(model, example, int8_outputs, opset, first_point_only, integer_adds)
     names = b.build()
     ranges = tensor_ranges(b.G.proto(), names, calib_batches) if names else {}
     proto = b.finish(ranges)
