@@ -35,7 +35,9 @@ def parse_args(argv=None):
     p.add_argument('--check-images', type=int, default=4)
     p.add_argument('--calib-images', type=int, help='calibration images of the inserted '
                                                     'requantizations (default: the export\'s)')
-    p.add_argument('--tol', type=float, default=0.05,
+    # the trained detectors measure 0.04-0.09 (flipped roundings, extra roundings);
+    # a broken graph (a wrong layout or scale) gives O(1)
+    p.add_argument('--tol', type=float, default=0.2,
                    help='largest relative L2 difference of the int8 raw outputs vs PyTorch')
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = p.parse_args(argv)
