@@ -286,7 +286,7 @@ def row_layout(q: QConv2d, first_point_only: bool = False) -> dict:
     Returns codes (rows, d) int8, scales, the channel of each row (-1: zero row), its
     power-of-two factor 2^-k (1 for main rows), ``main`` (C,) the main row of each
     channel, ``extra`` the extra rows, and ``levels``: for the i-th extra point, the
-    row of each channel's i-th extra point or a zero row (a Gather then adds it)."""
+    row of each channel's i-th extra point or a zero row."""
     codes = q.codes.cpu().numpy().astype(np.int8)
     scales = q.scales.cpu().numpy().astype(np.float64)
     npts = q.npoints.cpu().numpy().astype(np.int64)
