@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .quant.grid import check_bits
+from .quant.grid import act_qparams, check_bits
 from .quant.multipoint import QuantizedWeight
 
 MODES = ('dequant', 'expanded')
@@ -87,15 +87,7 @@ class _QuantBase(nn.Module):
                 or abs(hi) == float('inf'):
             raise ValueError(f'act range must be finite with min <= max, got '
                              f'({min_val}, {max_val})')
-        b = self.act_bits
-        if self.act_symmetric:
-            step = max(abs(lo), abs(hi)) / (2 ** (b - 1) - 1)
-            zero = 0.0
-        else:
-            lo, hi = min(lo, 0.0), max(hi, 0.0)
-            step = (hi - lo) / (2 ** b - 1)
-            zero = round(-lo / step) if step > 0 else 0.0
-        step = step if step > 0 else 1e-8
+        step, zero = act_qparams(lo, hi, self.act_bits, self.act_symmetric)
         self.act_scale.fill_(step)
         self.act_zero.fill_(zero)
 

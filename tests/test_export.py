@@ -21,9 +21,10 @@ import torch
 
 import mpq_det  # noqa: F401
 from mpq_det import export as ex
+from mpq_det.deploy import convert as cv
+from mpq_det.deploy.convert import max_rel_diff, raw_outputs, sample_inputs
 from mpq_det.export import (QuantizedCheckpointError, RequiresMultipointQuantHook,
-                            load_quantized_checkpoint, max_rel_diff, raw_outputs,
-                            sample_inputs, save_quantized_checkpoint)
+                            load_quantized_checkpoint, save_quantized_checkpoint)
 from mpq_det.modules import QConv2d, QLinear
 
 from conftest import ROOT, save_random_checkpoint, tiny_cfg
@@ -202,9 +203,9 @@ def test_tools_export_writes_the_same_export(exported, tmp_path):
 def test_to_expanded(exported, tmp_path):
     e = str(tmp_path / 'expanded.pt')
     assert convert_tool.main([exported.cfg_path, exported.qpath, '--to-expanded', e]) == 0
-    expanded = ex.load_expanded_model(e)
+    expanded = cv.load_expanded_model(e)
     assert not any(isinstance(m, (QConv2d, QLinear)) for m in expanded.modules())
-    convs = [m for m in expanded.modules() if isinstance(m, ex.CommonOperandsConv2d)]
+    convs = [m for m in expanded.modules() if isinstance(m, cv.CommonOperandsConv2d)]
     assert convs and all(torch.equal(c.int_conv.weight, c.int_conv.weight.round())
                          for c in convs)
     raw = raw_outputs(expanded, exported.inputs, exported.samples)
@@ -255,7 +256,7 @@ torch.save(outs, {out!r})
 def test_onnx_in_onnxruntime(exported, tmp_path, capsys):
     if exported.name != 'retinanet_r18q':
         with pytest.raises(ValueError, match='one-stage'):
-            ex.export_onnx(exported.model, exported.inputs, str(tmp_path / 'x.onnx'))
+            cv.export_onnx(exported.model, exported.inputs, str(tmp_path / 'x.onnx'))
         return
     o = str(tmp_path / 'net.onnx')
     assert convert_tool.main([exported.cfg_path, exported.qpath, '--onnx', o]) == 0

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import mpq_det  # noqa: F401
-from mpq_det.export import max_rel_diff, raw_outputs, sample_inputs
+from mpq_det.deploy.convert import max_rel_diff, raw_outputs, sample_inputs
 from mpq_det.modules import QConv2d, QLinear
 from mpq_det.quant import FORMS, qmax
 
@@ -183,7 +183,7 @@ def test_method_mse(base_cfg, tmp_path):
 
 
 def test_method_ocs_export_reload_to_float(base_cfg, inputs, tmp_path):
-    from mpq_det.export import convert_export
+    from mpq_det.deploy.convert import convert_export
     q = str(tmp_path / 'ocs.pth')
     _, m, rep = run(base_cfg, tmp_path, 'ocs', method='ocs', bits=4, budget=0.05, export=q)
     layers = qlayers(m)

@@ -17,7 +17,7 @@ import sys
 from mmengine.config import Config, DictAction
 
 import mpq_det  # noqa: F401
-from mpq_det.export import CONVERT_TOL, convert_export
+from mpq_det.deploy.convert import CONVERT_TOL, convert_export
 
 
 def parse_args(argv=None):

@@ -2,6 +2,9 @@
 
 With ``MultipointQuantHook`` in the config's custom_hooks, the model is quantized
 right after CHECKPOINT loads, so the printed mAP is the quantized detector's.
+``--onnx GRAPH.onnx`` runs the backbone, neck and dense head of a one-stage detector
+in onnxruntime instead (``OnnxRuntimeHook``; tools/deploy.py writes the graph), while
+mmdet preprocesses, decodes, runs NMS and scores.
 """
 import json
 import os
@@ -18,8 +21,13 @@ from mpq_det.launch import finish, load_tool_cfg, tool_parser
 def main() -> None:
     p = tool_parser('Test (and eval) a detector', checkpoint=True)
     p.add_argument('--out', help='dump predictions to a .pkl file')
+    p.add_argument('--onnx', help='run backbone + neck + head from this ONNX graph')
+    p.add_argument('--ort-threads', type=int, default=1, help='onnxruntime intra-op threads')
     args = p.parse_args()
     cfg = load_tool_cfg(args)
+    if args.onnx:
+        cfg.custom_hooks = list(cfg.get('custom_hooks') or []) + [
+            dict(type='OnnxRuntimeHook', onnx=args.onnx, threads=args.ort_threads)]
     if '://' not in args.checkpoint:
         check_readable(args.checkpoint)  # a clear message instead of torch's zip errors
     cfg.load_from = args.checkpoint

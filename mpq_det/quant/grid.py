@@ -33,6 +33,22 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def act_qparams(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[float, float]:
+    """(step, zero point) of per-tensor activation quantization for the range [lo, hi].
+
+    Symmetric: step = max(|lo|, |hi|) / Q, zero 0, codes -Q..Q. Asymmetric: the range
+    is widened to hold 0, step = (hi - lo) / (2**b - 1), zero round(-lo / step),
+    codes 0..2**b - 1. A zero range gives step 1e-8.
+    """
+    if symmetric:
+        step, zero = max(abs(lo), abs(hi)) / qmax(bits), 0.0
+    else:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        step = (hi - lo) / (2 ** check_bits(bits) - 1)
+        zero = float(round(-lo / step)) if step > 0 else 0.0
+    return (step if step > 0 else 1e-8), zero
+
+
 def check_budget(budget, name: str = 'budget') -> float:
     """Budget: a finite real number >= 0 (extra weight storage fraction)."""
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):

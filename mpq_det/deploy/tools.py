@@ -1,0 +1,153 @@
+"""Glue of tools/deploy.py and tools/bench_deploy.py: load a detector (float or a
+quantized export), calibration and check images, write and check ONNX graphs."""
+from __future__ import annotations
+
+import onnx
+import torch
+from torch import Tensor
+
+from ..calibration import build_calib_loader
+from ..export import _log, _unwrap, is_quantized_checkpoint, load_quantized_model, \
+    read_checkpoint
+from .convert import build_float_model, max_rel_diff, raw_outputs, rel_l2_diff, \
+    sample_inputs, write_bytes_atomic
+from .ort import integer_kernel_counts, make_session, run_session
+from .qdq import DeployReport, build_int8_onnx, float_twin, torch_to_onnx
+
+CALIB = dict(split='train', num_images=32, batch_size=4, seed=0)
+
+
+def load_detector(cfg, checkpoint: str) -> tuple[torch.nn.Module, dict | None]:
+    """(model, the export's meta['mpq'] or None): a quantized export is rebuilt, a
+    float checkpoint loaded into ``cfg.model``."""
+    ckpt = read_checkpoint(checkpoint)
+    if is_quantized_checkpoint(ckpt):
+        return load_quantized_model(cfg, checkpoint), ckpt['meta']['mpq']
+    from mmengine.runner.checkpoint import load_checkpoint
+    model = build_float_model(cfg)
+    load_checkpoint(model, checkpoint, map_location='cpu', strict=True, logger='silent')
+    return model.eval(), None
+
+
+@torch.no_grad()
+def calib_batches(cfg, model: torch.nn.Module, calib: dict | None = None) -> list[Tensor]:
+    """Preprocessed image batches of the calibration split (the export's own calib
+    settings when it has them)."""
+    c = dict(CALIB, **(calib or {}))
+    loader = build_calib_loader(cfg, c['split'], c['num_images'], c['batch_size'], c['seed'])
+    pre = _unwrap(model).data_preprocessor
+    return [pre(batch, False)['inputs'] for batch in loader]
+
+
+def deploy(cfg, checkpoint: str, out: str | None = None, fp32: str | None = None,
+           int8_outputs: bool = False, check_images: int = 4,
+           calib: dict | None = None) -> dict:
+    """Writes the int8 QDQ graph of the quantized export ``checkpoint`` to ``out``
+    and/or the FP32 graph (of a float checkpoint, or of an export's dequantized
+    weights) to ``fp32``; checks each against PyTorch on ``check_images`` test images.
+    Returns the figures printed."""
+    model, meta = load_detector(cfg, checkpoint)
+    inputs, _ = sample_inputs(cfg, model, check_images)
+    ref = raw_outputs(model, inputs)
+    result: dict = {}
+    if out:
+        if meta is None:
+            raise ValueError(f'{checkpoint} is a float checkpoint: the int8 graph needs a '
+                             'quantized export made with act_bits=8 (tools/export.py ... '
+                             '--cfg-options custom_hooks.0.act_bits=8); --fp32 works with it')
+        settings = (meta.get('settings') or {})
+        batches = calib_batches(cfg, model, calib or settings.get('calib'))
+        proto, report = build_int8_onnx(model, batches[0], batches, int8_outputs)
+        onnx.checker.check_model(proto)
+        write_bytes_atomic(proto.SerializeToString(), out)
+        got = [torch.from_numpy(g) for g in run_session(make_session(out), inputs)]
+        result['int8_max_rel_diff'] = max_rel_diff(got, ref)
+        result['int8_rel_l2_diff'] = rel_l2_diff(got, ref)
+        result['report'] = report
+        result['kernels'] = integer_kernel_counts(out)
+        for line in report.lines():
+            _log(line)
+        k = result['kernels']
+        _log(f'int8 graph {out}: onnxruntime optimized graph has {k["integer_convs"]} '
+             f'QLinearConv, {k["conv_integer"]} ConvInteger, {k["float_convs"]} float convs; '
+             f'raw outputs vs PyTorch on {check_images} test images: max rel diff '
+             f'{result["int8_max_rel_diff"]:.3e}, relative L2 {result["int8_rel_l2_diff"]:.3e}')
+    if fp32:
+        proto = torch_to_onnx(float_twin(model), inputs[:1], fold_bn=True)
+        write_bytes_atomic(proto.SerializeToString(), fp32)
+        got = run_session(make_session(fp32), inputs)
+        ref_fp = raw_outputs(float_twin(model), inputs)
+        result['fp32_max_rel_diff'] = max_rel_diff([torch.from_numpy(g) for g in got], ref_fp)
+        what = 'dequantized weights, no act quantization' if meta else 'float model'
+        _log(f'fp32 graph {fp32}: raw outputs vs PyTorch ({what}): max rel diff '
+             f'{result["fp32_max_rel_diff"]:.3e}')
+    return result
+
+
+__all__ = ['DeployReport', 'calib_batches', 'deploy', 'load_detector']
+
+
+# -------------------------------------------------------------- mmdet RetinaNet-R50
+def _strip_pretrained(cfg) -> None:
+    """Drops 'Pretrained' init_cfgs and ``pretrained=`` (nothing to download here)."""
+    if isinstance(cfg, dict):
+        for k in list(cfg.keys()):
+            if k == 'pretrained':
+                cfg[k] = None
+            elif k == 'init_cfg' and isinstance(cfg[k], dict) and \
+                    cfg[k].get('type') == 'Pretrained':
+                cfg[k] = None
+            else:
+                _strip_pretrained(cfg[k])
+    elif isinstance(cfg, list):
+        for v in cfg:
+            _strip_pretrained(v)
+
+
+def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int = 4,
+               budget: float = 0.05, seed: int = 0) -> dict[str, str]:
+    """mmdet's packaged RetinaNet-R50 (random init), quantized W{bits}A8 by our model
+    pass (multipoint, global budget) on two random images of ``calib_size``, written as
+    FP32, int8, int8 with int8 head outputs, and int8-without-extra-points ONNX
+    graphs (dynamic image size).
+    Returns {kind: path}. For speed only: the weights are random."""
+    import os
+    import os.path as osp
+
+    import mmdet
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+
+    from ..hook import component_of
+    from ..model_pass import QuantSettings, StatsCollector, plan_layers, quantize_model
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = Config.fromfile(osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs',
+                                   'retinanet', 'retinanet_r50_fpn_1x_coco.py'))
+    init_default_scope('mmdet')
+    model_cfg = cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else dict(cfg.model)
+    _strip_pretrained(model_cfg)
+    torch.manual_seed(seed)
+    model = MODELS.build(model_cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(1, 3, *calib_size, generator=g) for _ in range(2)]
+    s = QuantSettings(bits=bits, budget=budget)
+    plans, _, _ = plan_layers(model, component_of,
+                              {'backbone': s, 'neck': s, 'head': s})
+    collector = StatsCollector(plans)
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x, None, mode='tensor')
+    finally:
+        collector.remove()
+    quantize_model(model, plans, collector.stats, act_bits=8)
+    variants = {'int8': {}, 'int8_outputs': dict(int8_outputs=True),
+                'int8_one_point': dict(first_point_only=True)}
+    paths = {k: osp.join(out_dir, f'retinanet_r50_{k}.onnx') for k in ['fp32', *variants]}
+    write_bytes_atomic(torch_to_onnx(float_twin(model), batches[0]).SerializeToString(),
+                       paths['fp32'])
+    for kind, kw in variants.items():
+        proto, _ = build_int8_onnx(model, batches[0], batches, **kw)
+        write_bytes_atomic(proto.SerializeToString(), paths[kind])
+    return paths

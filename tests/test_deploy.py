@@ -1,0 +1,263 @@
+"""The int8 QDQ ONNX graph (issue 11) on tiny models: outputs against the PyTorch
+W4A8 model, multipoint rows, depthwise convs, what stays float, and integer kernels
+in onnxruntime's optimized graph."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from mpq_det.deploy.convert import max_rel_diff, raw_outputs
+from mpq_det.deploy.ort import integer_kernel_counts, make_session, run_session
+from mpq_det.deploy.qdq import build_int8_onnx, row_layout
+from mpq_det.modules import QConv2d
+from mpq_det.quant import greedy_multipoint, select_points
+from mpq_det.qstate import swap_module
+
+from conftest import gen
+
+pytest.importorskip('onnxruntime')
+
+# Max |int8 - PyTorch| / max|PyTorch| per output. The graph rounds where PyTorch does,
+# plus one 8-bit rounding of each conv output that does not feed a quantized conv
+# (residual adds, multipoint rows); a flipped rounding moves a value by one step.
+TOL = 0.05
+# with every requantization at the next layer's own input scale (a plain chain)
+TOL_CHAIN = 0.02
+
+
+class Toy(nn.Module):
+    """A one-stage-detector-shaped net: stem, residual block, depthwise separable
+    conv with ReLU6, two output convs (``mode='tensor'`` like an mmdet detector)."""
+
+    def __init__(self, residual: bool = True):
+        super().__init__()
+        self.residual = residual
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU())
+        self.c1 = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
+                                nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16))
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False),
+                                nn.BatchNorm2d(16), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(16, 24, 1, bias=False), nn.BatchNorm2d(24),
+                                nn.ReLU())
+        self.cls = nn.Conv2d(24, 6, 3, 1, 1)
+        self.reg = nn.Conv2d(24, 4, 3, 1, 1)
+
+    def forward(self, x, data_samples=None, mode='tensor'):
+        x = self.stem(x)
+        y = self.c2(self.c1(x))
+        x = torch.relu(x + y) if self.residual else torch.relu(y)
+        x = self.pw(self.dw(x))
+        return [self.cls(x)], [self.reg(x)]
+
+
+def random_bn(model: nn.Module, g: torch.Generator) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            C = m.num_features
+            m.weight.data = torch.randn(C, generator=g) * 0.5 + 1.0  # some negative
+            m.bias.data = torch.randn(C, generator=g) * 0.1
+            m.running_mean.data = torch.randn(C, generator=g) * 0.1
+            m.running_var.data = torch.rand(C, generator=g) + 0.5
+            m.weight.data[0] = 0.0  # a zero factor (mmdet's zero_init_residual)
+
+
+def quantize(model: nn.Module, batches: list, bits: int = 4, max_points: int = 1,
+             seed: int = 0, skip=()) -> nn.Module:
+    """W{bits}A8: each conv's points from greedy_multipoint (1..max_points per channel,
+    random counts), its input range from the float model on ``batches``."""
+    ranges = {}
+
+    def rec(name):
+        def hook(mod, inp):
+            lo, hi = float(inp[0].min()), float(inp[0].max())
+            r = ranges.setdefault(name, [lo, hi])
+            r[0], r[1] = min(r[0], lo), max(r[1], hi)
+        return hook
+    convs = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and n not in skip]
+    hs = [m.register_forward_pre_hook(rec(n)) for n, m in convs]
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for h in hs:
+        h.remove()
+    g = gen(seed)
+    for name, m in convs:
+        W = m.weight.detach().reshape(m.out_channels, -1)
+        ps = greedy_multipoint(W, None, bits, max_points)
+        n = torch.randint(1, max_points + 1, (m.out_channels,), generator=g)
+        q = QConv2d.from_float(m, select_points(ps, n), act_bits=8)
+        q.set_act_range(*ranges[name])
+        swap_module(model, name, q)
+    return model.eval()
+
+
+def images(n: int, seed: int, size=(40, 48)) -> list:
+    g = gen(seed)
+    return [torch.randn(2, 3, *size, generator=g) for _ in range(n)]
+
+
+def toy(max_points: int, residual: bool = True, seed: int = 0, skip=()) -> nn.Module:
+    torch.manual_seed(seed)
+    model = Toy(residual).eval()
+    random_bn(model, gen(seed + 1))
+    return quantize(model, images(4, seed + 2), max_points=max_points, seed=seed,
+                    skip=skip)
+
+
+def conv_nodes(model, exclude=(), only=None) -> int:
+    """Conv nodes of the int8 graph: one per layer, plus a 1x1 segment-sum conv for a
+    dense multipoint layer; one per point level for a grouped multipoint layer."""
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, QConv2d) and name not in exclude and (only is None or name in only):
+            p = int(m.npoints.max())
+            n += p if m.groups > 1 else 1 + (p > 1)
+    return n
+
+
+def deploy(model, tmp_path, int8_outputs=False):
+    calib = images(4, 2)  # the calibration images of toy()
+    proto, report = build_int8_onnx(model, calib[0], calib, int8_outputs=int8_outputs)
+    path = str(tmp_path / 'int8.onnx')
+    import onnx
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+    return path, report
+
+
+def compare(model, path) -> float:
+    x = images(1, 99)[0]
+    ref = raw_outputs(model, x)
+    got = run_session(make_session(path, threads=1), x)
+    return max_rel_diff([torch.from_numpy(g) for g in got], ref)
+
+
+@pytest.mark.parametrize('max_points', [1, 3])
+def test_int8_outputs_match_pytorch_w4a8(max_points, tmp_path):
+    model = toy(max_points)
+    npts = {n: int(m.npoints.max()) for n, m in model.named_modules()
+            if isinstance(m, QConv2d)}
+    assert max(npts.values()) == max_points
+    path, report = deploy(model, tmp_path)
+    d = compare(model, path)
+    print(f'max_points={max_points}: int8 ONNX vs PyTorch W4A8 max rel diff {d:.3e}')
+    assert d <= TOL
+    counts = integer_kernel_counts(path)
+    print(counts)
+    # every conv but the two output convs (kept float by default) runs as QLinearConv;
+    # a grouped multipoint conv as one conv per point level
+    assert counts['integer_convs'] == conv_nodes(model, exclude=('cls', 'reg'))
+    assert counts['float_convs'] == conv_nodes(model, only=('cls', 'reg'))
+    assert counts['conv_integer'] == 0
+    names = {c.name for c in report.non_integer}
+    assert names == {'cls', 'reg'}
+    assert all('raw head output' in c.reason for c in report.non_integer)
+
+
+def test_float_sum_of_the_rows(tmp_path, monkeypatch):
+    """The float Slice/Add/Concat sum (used when the levels' powers of two differ too
+    much for int8 weights) gives the same outputs as the integer segment-sum conv."""
+    from mpq_det.deploy import qdq
+    model = toy(3)
+    d_int = compare(model, deploy(model, tmp_path)[0])
+    monkeypatch.setattr(qdq, 'MAX_SEGMENT_SHIFT', -1)
+    path, _ = deploy(model, tmp_path)
+    import onnx
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert 'Concat' in ops
+    d_float = compare(model, path)
+    print(f'segment conv {d_int:.3e}, float sum {d_float:.3e}')
+    assert d_float <= TOL
+
+
+def test_int8_outputs_option(tmp_path):
+    model = toy(2)
+    path, report = deploy(model, tmp_path, int8_outputs=True)
+    assert not report.non_integer
+    counts = integer_kernel_counts(path)
+    assert counts['float_convs'] == 0 and counts['integer_convs'] == conv_nodes(model)
+    assert compare(model, path) <= TOL
+
+
+def test_a_plain_chain_rounds_where_pytorch_does(tmp_path):
+    """No residual and one point per channel: every conv output's requantization is
+    the next layer's own input quantization, so only flipped roundings differ."""
+    model = toy(1, residual=False)
+    path, report = deploy(model, tmp_path)
+    inner = [c for c in report.convs if c.integer]
+    assert inner and all(c.output_q == 'next layer' for c in inner)
+    d = compare(model, path)
+    print(f'chain: int8 ONNX vs PyTorch W4A8 max rel diff {d:.3e}')
+    assert d <= TOL_CHAIN
+
+
+def test_depthwise_multipoint_stays_depthwise(tmp_path):
+    """A depthwise conv with extra points becomes one depthwise conv per point level
+    (onnxruntime's depthwise kernel), never a conv with several rows per group."""
+    import onnx
+    from onnx import numpy_helper
+    model = toy(3)
+    assert int(model.dw[0].npoints.max()) == 3
+    path, report = deploy(model, tmp_path)
+    g = onnx.load(path).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    grouped = [n for n in g.node if n.op_type == 'Conv' and
+               any(a.name == 'group' and a.i > 1 for a in n.attribute)]
+    assert len(grouped) == 3
+    for n in grouped:
+        w = inits[producers[n.input[1]].input[0]]  # DequantizeLinear of int8 codes
+        assert w.dtype == np.int8 and w.shape[:2] == (16, 1)
+    rec = next(c for c in report.convs if c.name == 'dw.0')
+    assert rec.integer and 'point levels' in rec.reason
+
+
+def test_multipoint_rows_and_depthwise_layout():
+    """Main rows first, extra rows after (per group, zero-padded), each extra row's
+    scale times 2^k with 2^-k to divide back; the rows sum to the dequantized weight."""
+    model = toy(3)
+    for name, q in model.named_modules():
+        if not isinstance(q, QConv2d):
+            continue
+        lay = row_layout(q)
+        C, G = q.out_channels, q.groups
+        R = lay['codes'].shape[0]
+        assert R % G == 0 and R >= int(q.npoints.sum())
+        rows_per_group = R // G
+        for j in range(C):  # main row of channel j inside its group's block
+            assert lay['main'][j] // rows_per_group == j // (C // G)
+        w = torch.zeros(C, q.codes.shape[1], dtype=torch.float64)
+        for r in range(R):
+            if lay['chan'][r] >= 0:
+                w[lay['chan'][r]] += torch.from_numpy(lay['codes'][r].astype(np.float64)) * \
+                    lay['scales'][r] * lay['fac'][r]
+        ref = q._dequant_rows().double()
+        assert torch.allclose(w, ref, rtol=1e-6, atol=1e-7), name
+        ex = lay['extra']
+        assert ex.size == int(q.npoints.sum()) - C
+        assert len(lay['levels']) == int(q.npoints.max()) - 1
+        for i, idx in enumerate(lay['levels']):  # the i-th extra point, or a zero row
+            has = q.npoints.numpy() > i + 1
+            assert (lay['chan'][idx[has]] == np.arange(C)[has]).all()
+            assert (lay['chan'][idx[~has]] == -1).all()
+            assert not lay['codes'][idx[~has]].any()
+        assert (lay['fac'][ex] <= 1).all() and (lay['fac'][lay['main']] == 1).all()
+        if name == 'dw.0':
+            assert G == C and int(q.npoints.max()) > 1
+            assert R >= C * int(q.npoints.max())  # each group padded to the most points
+
+
+def test_non_integer_layer_is_reported(tmp_path):
+    """A conv left in floating point runs as a float conv and the report says why."""
+    model = toy(2, skip=('pw.0',))
+    assert isinstance(model.pw[0], nn.Conv2d)
+    path, report = deploy(model, tmp_path)
+    rec = {c.name: c for c in report.non_integer}
+    assert 'pw.0' in rec and 'not quantized' in rec['pw.0'].reason
+    assert any('pw.0' in line for line in report.lines())
+    counts = integer_kernel_counts(path)
+    assert counts['float_convs'] == 1 + conv_nodes(model, only=('cls', 'reg'))  # + pw.0
+    assert compare(model, path) <= TOL

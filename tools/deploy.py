@@ -1,0 +1,72 @@
+"""Write a quantized one-stage detector as an int8 QDQ ONNX graph for onnxruntime.
+
+    python tools/deploy.py CONFIG QUANTIZED.pth --out model_int8.onnx [--fp32 model_fp32.onnx]
+    python tools/deploy.py CONFIG FLOAT.pth --fp32 model_fp32.onnx
+
+QUANTIZED.pth is an export made with 8-bit activations:
+    python tools/export.py CONFIG FLOAT.pth QUANTIZED.pth --cfg-options custom_hooks.0.act_bits=8
+The graph runs from the preprocessed image batch to the raw head outputs (backbone,
+neck, dense head); test it with ``tools/test.py CONFIG QUANTIZED.pth --onnx model_int8.onnx``.
+It prints what stays float and why, the convs onnxruntime runs as QLinearConv, and
+how far the raw outputs are from PyTorch's: the max relative difference and the
+relative L2 difference (exit code 1 when the latter is above --tol). Both models round
+activations to 8 bits; a value that lands on a rounding boundary in one and not the
+other moves by one step, and such flips multiply with depth, so the max difference of
+a deep net is large while its relative L2 stays small.
+"""
+import argparse
+import sys
+
+from mmengine.config import Config, DictAction
+
+import mpq_det  # noqa: F401
+from mpq_det.deploy.tools import deploy
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description='int8 QDQ ONNX of a quantized detector')
+    p.add_argument('config')
+    p.add_argument('checkpoint', help='quantized export (act_bits=8), or a float checkpoint '
+                                      'with --fp32 alone')
+    p.add_argument('--out', help='int8 QDQ ONNX graph to write')
+    p.add_argument('--fp32', metavar='OUT', help='also write the FP32 ONNX graph')
+    p.add_argument('--int8-outputs', action='store_true',
+                   help='requantize the raw head outputs too (their convs go integer)')
+    p.add_argument('--check-images', type=int, default=4)
+    p.add_argument('--calib-images', type=int, help='calibration images of the inserted '
+                                                    'requantizations (default: the export\'s)')
+    # the trained detectors measure 0.04-0.09 (flipped roundings, extra roundings);
+    # a broken graph (a wrong layout or scale) gives O(1)
+    p.add_argument('--tol', type=float, default=0.2,
+                   help='largest relative L2 difference of the int8 raw outputs vs PyTorch')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction)
+    args = p.parse_args(argv)
+    if not (args.out or args.fp32):
+        p.error('give --out and/or --fp32')
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    calib = None if args.calib_images is None else dict(num_images=args.calib_images)
+    r = deploy(cfg, args.checkpoint, args.out, args.fp32, args.int8_outputs,
+               args.check_images, calib)
+    if 'int8_max_rel_diff' in r:
+        k = r['kernels']
+        print(f'int8: {k["integer_convs"]} QLinearConv, {k["conv_integer"]} ConvInteger, '
+              f'{k["float_convs"]} float convs; vs PyTorch: max rel diff '
+              f'{r["int8_max_rel_diff"]:.3e}, relative L2 {r["int8_rel_l2_diff"]:.3e} '
+              f'(tol {args.tol:g})')
+    if 'fp32_max_rel_diff' in r:
+        print(f'fp32: max rel diff vs PyTorch {r["fp32_max_rel_diff"]:.3e}')
+    if r.get('int8_rel_l2_diff', 0.0) > args.tol or r.get('fp32_max_rel_diff', 0.0) > 1e-4:
+        print('FAILED: above tolerance', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
