@@ -21,7 +21,7 @@ from .calibration import SPLITS, build_calib_loader, run_calibration
 from .model_pass import (QUANTIZABLE, QuantResult, QuantSettings, StatsCollector, plan_layers,
                          quantize_model, summarize)
 from .qstate import apply_quantized_state, quantized_state
-from .quant import DEFAULT_FORM, FORMS, check_bits
+from .quant import BUDGET_ON, DEFAULT_FORM, FORMS, check_bits
 from .report import format_report
 
 COMPONENTS = ('backbone', 'neck', 'head')
@@ -37,6 +37,8 @@ def _register_mmcv_wrappers() -> None:
 _register_mmcv_wrappers()
 SETTING_KEYS = ('bits', 'method', 'budget', 'allocation', 'max_points')
 CALIB_DEFAULTS = dict(split='train', num_images=32, batch_size=4, seed=0)
+# error feedback wins on the committed detectors (README, "Accuracy levers")
+DEFAULT_ERROR_FEEDBACK = True
 
 
 def _check_keys(where: str, given: dict, allowed: tuple) -> None:
@@ -63,7 +65,12 @@ class MultipointQuantHook(Hook):
     ``max_points``, ``components``, ``skip``, ``act_bits``, ``calib``, ``export``,
     ``report``; plus ``h_form`` (the form of the calibration statistic H) and
     ``layer_bits`` ({glob: bits}, e.g. ``{'backbone.conv1': 8, '*.retina_reg': 8}``:
-    the usual detection-PTQ choice of 8-bit first and last layers).
+    the usual detection-PTQ choice of 8-bit first and last layers); the accuracy
+    levers ``error_feedback`` (round each multipoint layer's codes column by column,
+    feeding every column's error forward through the calibration H, GPTQ-style),
+    ``feedback_points`` (how many points of each channel, from the first, are
+    rounded so; the rest stay greedy) and ``budget_on`` ('memory', 'compute' or
+    'both': which overheads the extra points keep within ``budget``).
 
     It quantizes in ``before_test`` (and ``before_val`` of a standalone
     ``runner.val()``), i.e. after the checkpoint is loaded. Validation during training
@@ -80,12 +87,26 @@ class MultipointQuantHook(Hook):
                  act_bits: int | None = None, calib: dict | None = None,
                  export: str | None = None, report: bool = True,
                  h_form: str = DEFAULT_FORM, layer_bits: dict | None = None,
-                 **unknown: Any) -> None:
+                 error_feedback: bool = DEFAULT_ERROR_FEEDBACK, feedback_points: int = 1,
+                 budget_on: str = 'both', **unknown: Any) -> None:
         if unknown:
             raise ValueError(
                 f'MultipointQuantHook got unknown argument(s) {sorted(unknown)}; allowed: '
                 f'bits, method, budget, allocation, max_points, components, skip, '
-                f'act_bits, calib, export, report, h_form, layer_bits')
+                f'act_bits, calib, export, report, h_form, layer_bits, error_feedback, '
+                f'feedback_points, budget_on')
+        if not isinstance(error_feedback, bool):
+            raise ValueError(f'error_feedback={error_feedback!r} must be True or False')
+        self.error_feedback = error_feedback
+        if isinstance(feedback_points, bool) or not isinstance(feedback_points, int) \
+                or feedback_points < 1:
+            raise ValueError(f'feedback_points={feedback_points!r} must be an int >= 1 '
+                             '(points of each channel rounded with error feedback)')
+        self.feedback_points = feedback_points
+        if budget_on not in BUDGET_ON:
+            raise ValueError(f'budget_on={budget_on!r} is not allowed; choose one of '
+                             f'{BUDGET_ON}')
+        self.budget_on = budget_on
         self.base = QuantSettings(bits, method, budget, allocation, max_points)
         self.components = self._parse_components(components)
         if isinstance(skip, str) or not all(isinstance(g, str) for g in skip):
@@ -160,7 +181,9 @@ class MultipointQuantHook(Hook):
                                 for c, s in self.components.items()},
                     pools=self.pools, skip=self.skip, layer_bits=self.layer_bits,
                     act_bits=self.act_bits,
-                    calib=self.calib, h_form=self.h_form)
+                    calib=self.calib, h_form=self.h_form,
+                    error_feedback=self.error_feedback,
+                    feedback_points=self.feedback_points, budget_on=self.budget_on)
 
     @staticmethod
     def _notes(plans) -> list[str]:
@@ -231,7 +254,8 @@ class MultipointQuantHook(Hook):
             for g in unmatched:
                 logger.warning(f'MultipointQuantHook: skip/layer_bits glob {g!r} matches no '
                                f'layer')
-            collector = StatsCollector(plans, form=self.h_form, seed=self.calib['seed'])
+            collector = StatsCollector(plans, form=self.h_form, seed=self.calib['seed'],
+                                       feedback=self.error_feedback)
             try:
                 logger.info(f'MultipointQuantHook: calibrating {len(plans)} layers on '
                             f'{len(loader.dataset)} {self.calib["split"]} images')
@@ -239,7 +263,10 @@ class MultipointQuantHook(Hook):
             finally:
                 collector.remove()
             result = quantize_model(model, plans, collector.stats, self.act_bits,
-                                    seed=self.calib['seed'])
+                                    seed=self.calib['seed'],
+                                    error_feedback=self.error_feedback,
+                                    feedback_points=self.feedback_points,
+                                    budget_on=self.budget_on)
             result.skipped = skipped
             result.summary['notes'] = self._notes(plans)
             result.summary.update(summarize(result, model, plans))

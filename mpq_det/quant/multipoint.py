@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .grid import (check_bits, check_max_points, check_positive_int, check_weight,
                    qmax)
+from .feedback import Feedback
 from .stats import HForm, IdentityH
 
 DEFAULT_N_CANDIDATES = 16
@@ -178,9 +179,21 @@ def _check_layer(W: Tensor, H: HForm | None) -> HForm:
     return H
 
 
+def _check_feedback(W: Tensor, H: HForm, feedback: Feedback | None) -> HForm:
+    """The metric that errors are measured in: feedback's if given, else H."""
+    if feedback is None:
+        return H
+    if not isinstance(feedback, Feedback):
+        raise ValueError(f'feedback must be a Feedback, got {type(feedback).__name__}')
+    if feedback.d != W.shape[1] or feedback.groups != H.groups:
+        raise ValueError(f'feedback is for d={feedback.d}, groups={feedback.groups} but '
+                         f'W has shape {tuple(W.shape)} and H groups={H.groups}')
+    return feedback.metric
+
+
 def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = True,
                 err_prev: Tensor | None = None, gidx: Tensor | None = None,
-                n_refine: int = 0, lloyd: int = 0):
+                n_refine: int = 0, lloyd: int = 0, measure: HForm | None = None):
     """One greedy step for all rows of R (C, d).
 
     Candidates, in order (a later one replaces the best only if strictly better,
@@ -192,6 +205,9 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
        rounding scale, i.e. q = round(r / a*), then refit again.
     Each candidate's a is refitted by least squares when that lowers the error.
 
+    ``measure`` (default: H) is the metric of ``err_prev`` and of the returned error,
+    e.g. the exact H of error feedback while the search uses a cheaper form.
+
     Returns (scale (C,), codes (C, d) float, new residual, new error (C,)).
     """
     Q = qmax(bits)
@@ -200,7 +216,7 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
     HR = H.matvec(R, gidx)
     rHr = torch.linalg.vecdot(R, HR)
     if err_prev is None:
-        err_prev = rHr
+        err_prev = rHr if measure is None else measure.quad(R, gidx)
     best_err = torch.full((C,), float('inf'))
     best_a = torch.zeros(C)         # fitted scale (signed)
     best_r = torch.zeros(C)         # rounding scale that produced q
@@ -248,7 +264,7 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
     q = q * sign[:, None]
     scale = best_a.abs()
     R_new = R - scale[:, None] * q
-    err_new = H.quad(R_new, gidx)
+    err_new = (H if measure is None else measure).quad(R_new, gidx)
     bad = ~(err_new <= err_prev) | ~nz
     if bool(bad.any()):
         scale = torch.where(bad, torch.zeros_like(scale), scale)
@@ -258,12 +274,43 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
     return scale, q, R_new, err_new
 
 
+def feedback_step(R: Tensor, scale: Tensor, q: Tensor, R_new: Tensor, err: Tensor,
+                  fb: Feedback, bits: int, gidx: Tensor | None = None,
+                  refit: bool = True):
+    """Re-round a greedy point with error feedback, on the greedy point's scale.
+
+    ``R`` is the residual the point approximates and (scale, q, R_new, err) the
+    greedy step's result, err in ``fb.metric``. The codes are rounded column by
+    column with feedback (``Feedback.round``); the scale is then refitted by least
+    squares in ``fb.metric`` where that lowers the error. Each row keeps whichever
+    of the two points (greedy or feedback) has the lower error, so a step is never
+    worse than the greedy one. Returns (scale, q, R_new, err) like ``greedy_step``.
+    """
+    M = fb.metric
+    qf = fb.round(R, scale, bits, gidx)
+    a = scale
+    if refit:
+        Hq = M.matvec(qf, gidx)
+        b = torch.linalg.vecdot(R, Hq)
+        c = torch.linalg.vecdot(qf, Hq)
+        ok = (c > 0) & (b > 0)
+        a_ls = torch.where(ok, b / torch.where(ok, c, torch.ones_like(c)), a)
+        # e(a) - e(a_ls) = c (a - a_ls)^2 >= 0: the refit never raises the error
+        a = torch.where(ok, a_ls, a)
+    Rf = R - a[:, None] * qf
+    ef = M.quad(Rf, gidx)
+    use = (ef < err) & (scale > 0)
+    return (torch.where(use, a, scale), torch.where(use[:, None], qf, q),
+            torch.where(use[:, None], Rf, R_new), torch.where(use, ef, err))
+
+
 def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
                       max_points: int = 4, n_candidates: int = DEFAULT_N_CANDIDATES,
                       refit: bool = True, n_points: int | None = None,
                       min_ratio: float | None = None,
                       n_refine: int = DEFAULT_N_REFINE,
-                      lloyd: int = DEFAULT_LLOYD) -> PointSet:
+                      lloyd: int = DEFAULT_LLOYD, feedback: Feedback | None = None,
+                      fb_points: int = 1) -> PointSet:
     """Greedy points for every channel of W (C, d) in the metric of H.
 
     ``H`` None means the weight-space metric (H = I). ``n_points`` (default
@@ -271,6 +318,10 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
     later with ``extend_points``. Search: ``n_candidates`` coarse ratios from 1 (the
     min-max scale) down to ``min_ratio``, ``n_refine`` fine ones around the best and
     ``lloyd`` re-rounding passes (see ``greedy_step``).
+
+    ``feedback``: the first ``fb_points`` points of every channel are re-rounded
+    with error feedback on their greedy scale (``feedback_step``), and every error
+    in ``PointSet.err`` is measured in ``feedback.metric`` (the search still uses H).
     """
     n_refine = check_positive_int(n_refine, 'n_refine', 0)
     lloyd = check_positive_int(lloyd, 'lloyd', 0)
@@ -279,6 +330,8 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
     n_points = P if n_points is None else check_positive_int(n_points, 'n_points')
     n_points = min(n_points, P)
     H = _check_layer(W, H)
+    fb_points = check_positive_int(fb_points, 'fb_points', 0)
+    M = _check_feedback(W, H, feedback)
     W = W.detach().float().cpu()
     C, d = W.shape
     ratios = default_ratios(bits, n_candidates, min_ratio)
@@ -287,13 +340,17 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
                   werr=torch.full((C, P + 1), float('nan')),
                   computed=torch.zeros(C, dtype=torch.int64), bits=bits,
                   search=dict(ratios=ratios, refit=bool(refit), n_refine=n_refine,
-                              lloyd=lloyd))
-    ps.err[:, 0] = H.quad(W)
+                              lloyd=lloyd, fb_points=fb_points if feedback else 0))
+    ps.err[:, 0] = M.quad(W)
     ps.werr[:, 0] = torch.linalg.vecdot(W, W)
     R = W
     for k in range(n_points):
-        scale, q, R, e = greedy_step(R, H, bits, ratios, refit, ps.err[:, k],
-                                     n_refine=n_refine, lloyd=lloyd)
+        scale, q, Rn, e = greedy_step(R, H, bits, ratios, refit, ps.err[:, k],
+                                      n_refine=n_refine, lloyd=lloyd,
+                                      measure=None if feedback is None else M)
+        if feedback is not None and k < fb_points:
+            scale, q, Rn, e = feedback_step(R, scale, q, Rn, e, feedback, bits)
+        R = Rn
         ps.scales[:, k] = scale
         ps.codes[:, k] = q.to(torch.int8)
         ps.err[:, k + 1] = e
@@ -313,10 +370,16 @@ def residual(ps: PointSet, W: Tensor, channels: Tensor | None = None) -> Tensor:
 
 
 def extend_points(ps: PointSet, W: Tensor, H: HForm | None, channels: Tensor,
-                  n_points: int | None = None) -> PointSet:
+                  n_points: int | None = None, feedback: Feedback | None = None
+                  ) -> PointSet:
     """Compute points up to ``n_points`` (default max_points) for ``channels``, in
-    place. Same search settings as the original ``greedy_multipoint`` call."""
+    place. Same search settings as the original ``greedy_multipoint`` call, which
+    must have had the same ``feedback``."""
     H = _check_layer(W, H)
+    M = _check_feedback(W, H, feedback)
+    fb_points = ps.search.get('fb_points', 0)
+    if bool(fb_points) != (feedback is not None):
+        raise ValueError('extend_points: pass the feedback the points were made with')
     target = ps.max_points if n_points is None else min(int(n_points), ps.max_points)
     channels = torch.as_tensor(channels, dtype=torch.int64).reshape(-1)
     channels = channels[ps.computed[channels] < target]
@@ -334,10 +397,14 @@ def extend_points(ps: PointSet, W: Tensor, H: HForm | None, channels: Tensor,
             continue
         ch = channels[sel]
         g = None if gidx_all is None else gidx_all[sel]
-        scale, q, Rn, e = greedy_step(R[sel], H, ps.bits, ratios, refit,
+        Rs = R[sel]
+        scale, q, Rn, e = greedy_step(Rs, H, ps.bits, ratios, refit,
                                       ps.err[ch, k], gidx=g,
                                       n_refine=ps.search.get('n_refine', 0),
-                                      lloyd=ps.search.get('lloyd', 0))
+                                      lloyd=ps.search.get('lloyd', 0),
+                                      measure=None if feedback is None else M)
+        if feedback is not None and k < fb_points:
+            scale, q, Rn, e = feedback_step(Rs, scale, q, Rn, e, feedback, ps.bits, g)
         R[sel] = Rn
         ps.scales[ch, k] = scale
         ps.codes[ch, k] = q.to(torch.int8)
