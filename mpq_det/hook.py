@@ -22,6 +22,7 @@ from .model_pass import (QUANTIZABLE, QuantResult, QuantSettings, StatsCollector
                          quantize_model, summarize)
 from .qstate import apply_quantized_state, quantized_state
 from .quant import BUDGET_ON, DEFAULT_FORM, FORMS, check_bits
+from .quant.multipoint import FB_MODES
 from .report import format_report
 
 COMPONENTS = ('backbone', 'neck', 'head')
@@ -68,8 +69,11 @@ class MultipointQuantHook(Hook):
     the usual detection-PTQ choice of 8-bit first and last layers); the accuracy
     levers ``error_feedback`` (round each multipoint layer's codes column by column,
     feeding every column's error forward through the calibration H, GPTQ-style),
-    ``feedback_points`` (how many points of each channel, from the first, are
-    rounded so; the rest stay greedy) and ``budget_on`` ('memory', 'compute' or
+    ``feedback_points`` (for 1..feedback_points points per channel) and
+    ``feedback_mode`` ('joint': a channel may swap its greedy points for the same
+    scales with all codes re-rounded together with feedback, where that lowers the
+    error; 'first': the first points themselves are re-rounded, later greedy points
+    approximate what is left), and ``budget_on`` ('memory', 'compute' or
     'both': which overheads the extra points keep within ``budget``).
 
     It quantizes in ``before_test`` (and ``before_val`` of a standalone
@@ -87,14 +91,15 @@ class MultipointQuantHook(Hook):
                  act_bits: int | None = None, calib: dict | None = None,
                  export: str | None = None, report: bool = True,
                  h_form: str = DEFAULT_FORM, layer_bits: dict | None = None,
-                 error_feedback: bool = DEFAULT_ERROR_FEEDBACK, feedback_points: int = 1,
-                 budget_on: str = 'both', **unknown: Any) -> None:
+                 error_feedback: bool = DEFAULT_ERROR_FEEDBACK, feedback_points: int = 4,
+                 feedback_mode: str = 'joint', budget_on: str = 'both',
+                 **unknown: Any) -> None:
         if unknown:
             raise ValueError(
                 f'MultipointQuantHook got unknown argument(s) {sorted(unknown)}; allowed: '
                 f'bits, method, budget, allocation, max_points, components, skip, '
                 f'act_bits, calib, export, report, h_form, layer_bits, error_feedback, '
-                f'feedback_points, budget_on')
+                f'feedback_points, feedback_mode, budget_on')
         if not isinstance(error_feedback, bool):
             raise ValueError(f'error_feedback={error_feedback!r} must be True or False')
         self.error_feedback = error_feedback
@@ -103,6 +108,10 @@ class MultipointQuantHook(Hook):
             raise ValueError(f'feedback_points={feedback_points!r} must be an int >= 1 '
                              '(points of each channel rounded with error feedback)')
         self.feedback_points = feedback_points
+        if feedback_mode not in FB_MODES:
+            raise ValueError(f'feedback_mode={feedback_mode!r} is not allowed; choose one '
+                             f'of {FB_MODES}')
+        self.feedback_mode = feedback_mode
         if budget_on not in BUDGET_ON:
             raise ValueError(f'budget_on={budget_on!r} is not allowed; choose one of '
                              f'{BUDGET_ON}')
@@ -183,7 +192,8 @@ class MultipointQuantHook(Hook):
                     act_bits=self.act_bits,
                     calib=self.calib, h_form=self.h_form,
                     error_feedback=self.error_feedback,
-                    feedback_points=self.feedback_points, budget_on=self.budget_on)
+                    feedback_points=self.feedback_points,
+                    feedback_mode=self.feedback_mode, budget_on=self.budget_on)
 
     @staticmethod
     def _notes(plans) -> list[str]:
@@ -266,6 +276,7 @@ class MultipointQuantHook(Hook):
                                     seed=self.calib['seed'],
                                     error_feedback=self.error_feedback,
                                     feedback_points=self.feedback_points,
+                                    feedback_mode=self.feedback_mode,
                                     budget_on=self.budget_on)
             result.skipped = skipped
             result.summary['notes'] = self._notes(plans)

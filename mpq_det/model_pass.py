@@ -161,9 +161,11 @@ class StatsCollector:
             d = m.weight[0].numel()
             need_h = p.settings.method in ('multipoint',)
             taps = m.weight[0, 0].numel() if isinstance(m, nn.Conv2d) else 1
-            fb = dict(feedback=True, taps=taps, damp=damp) if need_h and feedback else {}
-            st = InputStats(d, groups, form=form if need_h else 'identity', **(
-                dict(form_opts, damp=damp) if need_h and form != 'diag' else {}), **fb)
+            opts = dict(form_opts, damp=damp) if need_h and form != 'diag' else {}
+            if need_h and feedback:
+                # the feedback H gets the same ridge (diag keeps none for its search)
+                opts.update(feedback=True, taps=taps, damp=damp)
+            st = InputStats(d, groups, form=form if need_h else 'identity', **opts)
             self.stats[p.name] = LayerStats(st)
             self._handles.append(m.register_forward_hook(self._hook(p.name)))
 
@@ -233,12 +235,13 @@ def _quantize_one(p: LayerPlan) -> tuple[QuantizedWeight, Tensor | None]:
 
 def quantize_model(model: nn.Module, plans: list[LayerPlan],
                    stats: dict[str, LayerStats] | None, act_bits: int | None = None,
-                   seed: int = 0, error_feedback: bool = False, feedback_points: int = 1,
-                   budget_on: str = 'both') -> QuantResult:
+                   seed: int = 0, error_feedback: bool = False, feedback_points: int = 4,
+                   budget_on: str = 'both', feedback_mode: str = 'joint') -> QuantResult:
     """Quantizes the planned layers in place and returns the per-layer report rows.
 
-    ``error_feedback``: round the first ``feedback_points`` points of every channel
-    of the multipoint layers with error feedback (needs ``stats`` collected with
+    ``error_feedback``: error feedback on 1..``feedback_points`` points of every
+    channel of the multipoint layers, in ``feedback_mode`` ('joint' or 'first', see
+    ``mpq_det.quant.greedy_multipoint``; needs ``stats`` collected with
     ``StatsCollector(..., feedback=True)``). ``budget_on``: which bounds the extra
     points keep ('memory', 'compute' or 'both', see ``mpq_det.quant.allocate``).
     """
@@ -267,7 +270,7 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
         out, pss = multipoint_quantize(Ws, Hs, [p.settings.bits for p in members], s.budget,
                                        s.allocation, s.max_points, seed=seed,
                                        positions=pos, budget_on=budget_on, feedbacks=fbs,
-                                       fb_points=feedback_points)
+                                       fb_points=feedback_points, fb_mode=feedback_mode)
         for p, qw, ps in zip(members, out, pss):
             qws[p.name] = (qw, None)
             e0 = ps.err[:, 0].sum().clamp_min(1e-30)

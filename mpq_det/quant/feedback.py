@@ -96,16 +96,23 @@ class Feedback:
 
     def round(self, R: Tensor, scale: Tensor, bits: int,
               gidx: Tensor | None = None) -> Tensor:
-        """Codes (C, d) float in -Q..Q for rows R (C, d) on grid steps ``scale`` (C,),
-        each column rounded with the errors of the earlier ones fed forward.
+        """Codes for rows R (C, d), each column rounded with the errors of the earlier
+        ones fed forward.
 
-        Rows with scale 0 get zero codes. ``gidx`` as in ``HForm`` (rows from any
-        groups); otherwise row j is in group j // (C // G).
+        ``scale`` (C,): one grid step per row; returns codes (C, d) in -Q..Q.
+        ``scale`` (C, k): k points per row (multipoint, steps a_1 > a_2 > ...); each
+        column's target t goes to a_1 q_1 + ... + a_k q_k with q_i = round(r_i / a_i)
+        on the remainder r_i (r_1 = t); returns codes (C, k, d).
+        Steps of 0 give zero codes. ``gidx`` as in ``HForm`` (rows from any groups);
+        otherwise row j is in group j // (C // G).
         """
         Q = qmax(check_bits(bits))
         C, d = R.shape
         if d != self.d:
             raise ValueError(f'R has {d} columns but H is for d={self.d}')
+        single = scale.dim() == 1
+        S = scale.float().reshape(C, -1)                                # (C, k)
+        k = S.shape[1]
         A = self.coefficients()
         G, nb, b, _ = A.shape
         pad = nb * b - d
@@ -114,37 +121,41 @@ class Feedback:
             if gidx is None and C % G:
                 raise ValueError(f'{C} rows are not divisible by groups={G}')
             g = 1 if gidx is not None else G
-            X = Rp.reshape(g, C // g, nb, b).permute(0, 2, 1, 3).reshape(g * nb, C // g, b)
-            S = scale.float().reshape(g, 1, C // g).expand(g, nb, C // g).reshape(g * nb, C // g)
-            q = _round_batched(X, S, A.reshape(G * nb, b, b), Q, self.block)
-            q = q.reshape(g, nb, C // g, b).permute(0, 2, 1, 3).reshape(C, nb * b)
-            return q[:, :d]
-        out = torch.empty(C, nb * b)
-        if C * nb * b * b <= _GATHER_MAX:
+            c = C // g
+            X = Rp.reshape(g, c, nb, b).permute(0, 2, 1, 3).reshape(g * nb, c, b)
+            Sb = S.reshape(g, 1, c, k).expand(g, nb, c, k).reshape(g * nb, c, k)
+            q = _round_batched(X, Sb, A.reshape(G * nb, b, b), Q, self.block)
+            q = q.reshape(g, nb, c, b, k).permute(0, 2, 4, 1, 3).reshape(C, k, nb * b)
+        elif C * nb * b * b <= _GATHER_MAX:
             # every row with its own group's coefficients (depthwise convs: d small)
             X = Rp.reshape(C * nb, 1, b)
-            S = scale.float()[:, None].expand(C, nb).reshape(C * nb, 1)
-            q = _round_batched(X, S, A[gidx].reshape(C * nb, b, b), Q, self.block)
-            return q.reshape(C, nb * b)[:, :d]
-        for gg in gidx.unique().tolist():
-            m = gidx == gg
-            n = int(m.sum())
-            X = Rp[m].reshape(n, nb, b).permute(1, 0, 2)
-            S = scale.float()[m][None].expand(nb, n)
-            out[m] = _round_batched(X, S, A[gg], Q, self.block).permute(1, 0, 2) \
-                .reshape(n, nb * b)
-        return out[:, :d]
+            Sb = S[:, None].expand(C, nb, k).reshape(C * nb, 1, k)
+            q = _round_batched(X, Sb, A[gidx].reshape(C * nb, b, b), Q, self.block)
+            q = q.reshape(C, nb, b, k).permute(0, 3, 1, 2).reshape(C, k, nb * b)
+        else:
+            q = torch.empty(C, k, nb * b)
+            for gg in gidx.unique().tolist():
+                m = gidx == gg
+                n = int(m.sum())
+                X = Rp[m].reshape(n, nb, b).permute(1, 0, 2)
+                Sb = S[m][None].expand(nb, n, k)
+                q[m] = _round_batched(X, Sb, A[gg], Q, self.block) \
+                    .permute(1, 3, 0, 2).reshape(n, k, nb * b)
+        q = q[..., :d]
+        return q[:, 0] if single else q
 
 
 def _round_batched(X: Tensor, scale: Tensor, A: Tensor, Q: int, block: int) -> Tensor:
-    """Feedback rounding of X (B, n, b) on steps ``scale`` (B, n) with coefficients
-    A (B, b, b) (strictly lower triangular). Returns codes (B, n, b)."""
+    """Feedback rounding of X (B, n, b) on k points with steps ``scale`` (B, n, k) and
+    coefficients A (B, b, b) (strictly lower triangular). Returns codes (B, n, b, k)."""
     B, n, b = X.shape
+    k = scale.shape[-1]
     ok = scale > 0
-    a = torch.where(ok, scale, torch.ones_like(scale))[..., None]        # (B, n, 1)
-    inv = torch.where(ok, 1.0 / a[..., 0], torch.zeros_like(scale))[..., None]
-    codes = torch.empty_like(X)
-    E = torch.empty_like(X)                     # e_j = x_j - a q_j
+    a = torch.where(ok, scale, torch.zeros_like(scale))                   # (B, n, k)
+    inv = torch.where(ok, 1.0 / torch.where(ok, scale, torch.ones_like(scale)),
+                      torch.zeros_like(scale))
+    codes = torch.empty(B, n, b, k)
+    E = torch.empty_like(X)                     # e_j = x_j - sum_i a_i q_ij
     AT = A.transpose(1, 2).contiguous()         # AT[:, j, i] = A[:, i, j]
     for s in range(0, b, block):
         t = min(s + block, b)
@@ -153,14 +164,23 @@ def _round_batched(X: Tensor, scale: Tensor, A: Tensor, Q: int, block: int) -> T
         if s:
             T.baddbmm_(E[:, :, :s], AT[:, :s, s:t])
         for i in range(s, t):
-            q = (T[:, :, i - s:i - s + 1] * inv).round_().clamp_(-Q, Q)
-            codes[:, :, i:i + 1] = q
-            e = X[:, :, i:i + 1] - a * q
-            E[:, :, i:i + 1] = e
+            r = T[:, :, i - s]                                            # (B, n)
+            if k == 1:
+                q = (r * inv[..., 0]).round_().clamp_(-Q, Q)
+                codes[:, :, i, 0] = q
+                e = X[:, :, i] - a[..., 0] * q
+            else:
+                rem = r.clone()
+                for p in range(k):
+                    q = (rem * inv[..., p]).round_().clamp_(-Q, Q)
+                    codes[:, :, i, p] = q
+                    rem -= a[..., p] * q
+                e = X[:, :, i] - (r - rem)
+            E[:, :, i] = e
             if i + 1 < t:
                 # later columns of the block: t_k += A_ki e_i
-                T[:, :, i + 1 - s:].baddbmm_(e, AT[:, i:i + 1, i + 1:t])
-    return codes * ok[..., None]
+                T[:, :, i + 1 - s:].baddbmm_(e[..., None], AT[:, i:i + 1, i + 1:t])
+    return codes
 
 
 def feedback_round_reference(r: Tensor, scale: float, H: Tensor, bits: int) -> Tensor:

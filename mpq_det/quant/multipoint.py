@@ -27,14 +27,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .grid import (check_bits, check_max_points, check_positive_int, check_weight,
-                   qmax)
+from .grid import (check_bits, check_choice, check_max_points, check_positive_int,
+                   check_weight, qmax)
 from .feedback import Feedback
 from .stats import HForm, IdentityH
 
 DEFAULT_N_CANDIDATES = 16
 DEFAULT_N_REFINE = 8     # fine candidates around the best coarse ratio
 DEFAULT_LLOYD = 1        # re-rounding passes with the refitted scale
+FB_MODES = ('joint', 'first')
 # Smallest candidate ratio rho (scale relative to the min-max scale) per bit width.
 DEFAULT_MIN_RATIO = {2: 0.15, 3: 0.25}
 DEFAULT_MIN_RATIO_HIGH = 0.35
@@ -68,6 +69,14 @@ class PointSet:
     computed: Tensor    # (C,) int64
     bits: int
     search: dict = field(default_factory=dict)   # n_candidates / refit / ratios
+    # Joint error feedback: at level k, a channel may use instead of its first k
+    # greedy points the same k scales with all codes re-rounded with feedback
+    # (``alt[k]`` = (codes (C, k, d) int8, scales (C, k))) where that has the lower
+    # error; ``use_alt`` (C, P+1) says where, ``err`` holds the lower error and
+    # ``cerr`` the greedy chain's own (which later greedy points continue from).
+    cerr: Tensor | None = None
+    alt: dict = field(default_factory=dict)
+    use_alt: Tensor | None = None
 
     @property
     def max_points(self) -> int:
@@ -158,8 +167,17 @@ def select_points(ps: PointSet, npoints: Tensor) -> QuantizedWeight:
     if bool((npoints < 1).any()) or bool((npoints > ps.computed).any()):
         raise ValueError('npoints must be in 1..computed points for every channel')
     mask = torch.arange(ps.max_points)[None, :] < npoints[:, None]
-    return QuantizedWeight(ps.codes[mask].contiguous(), ps.scales[mask].contiguous(),
-                           npoints.clone(), ps.bits)
+    codes, scales = ps.codes[mask].contiguous(), ps.scales[mask].contiguous()
+    if ps.use_alt is not None:
+        alt = ps.use_alt.gather(1, npoints[:, None])[:, 0]
+        start = torch.cumsum(npoints, 0) - npoints
+        for k in npoints[alt].unique().tolist():
+            ch = torch.nonzero(alt & (npoints == k)).reshape(-1)
+            rows = (start[ch][:, None] + torch.arange(k)[None, :]).reshape(-1)
+            a_codes, a_scales = ps.alt[k]
+            codes[rows] = a_codes[ch].reshape(-1, ps.d)
+            scales[rows] = a_scales[ch].reshape(-1)
+    return QuantizedWeight(codes, scales, npoints.clone(), ps.bits)
 
 
 # ------------------------------------------------------------------------ search
@@ -304,13 +322,65 @@ def feedback_step(R: Tensor, scale: Tensor, q: Tensor, R_new: Tensor, err: Tenso
             torch.where(use[:, None], Rf, R_new), torch.where(use, ef, err))
 
 
+def joint_feedback(W: Tensor, scales: Tensor, fb: Feedback, bits: int,
+                   gidx: Tensor | None = None, refit: bool = True
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """k points per row of W (n, d) on the given steps ``scales`` (n, k), all codes
+    rounded together with error feedback (``Feedback.round``), then the k scales
+    refitted jointly by least squares in ``fb.metric`` where that lowers the error.
+
+    Returns (scales (n, k) >= 0, codes (n, k, d) float, error (n,) in fb.metric).
+    A negative refitted scale is stored as its absolute value with negated codes.
+    """
+    M = fb.metric
+    n, k = scales.shape
+    codes = fb.round(W, scales, bits, gidx)                       # (n, k, d)
+    err = M.quad(W - torch.einsum('nk,nkd->nd', scales, codes), gidx)
+    a = scales
+    if refit:
+        d = codes.shape[2]
+        g_rep = None if gidx is None else gidx.repeat_interleave(k)
+        HQ = M.matvec(codes.reshape(n * k, d), g_rep).reshape(n, k, d)
+        Gm = torch.bmm(codes, HQ.transpose(1, 2)).double()        # (n, k, k)
+        rhs = torch.einsum('nkd,nd->nk', HQ, W).double()
+        tr = Gm.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30) / k
+        Gm = Gm + 1e-9 * tr[:, None, None] * torch.eye(k, dtype=Gm.dtype)
+        L, info = torch.linalg.cholesky_ex(Gm)
+        ok = info == 0
+        a_ls = torch.cholesky_solve(rhs[..., None], torch.where(
+            ok[:, None, None], L, torch.eye(k, dtype=L.dtype)))[..., 0].float()
+        e_ls = M.quad(W - torch.einsum('nk,nkd->nd', a_ls, codes), gidx)
+        use = ok & (e_ls < err) & torch.isfinite(e_ls)
+        a = torch.where(use[:, None], a_ls, a)
+        err = torch.where(use, e_ls, err)
+        sign = torch.where(a < 0, -1.0, 1.0)
+        codes = codes * sign[..., None]
+        a = a.abs()
+    return a, codes, err
+
+
+def _joint_level(ps: PointSet, W: Tensor, ch: Tensor, k: int, fb: Feedback,
+                 gidx: Tensor | None) -> None:
+    """Level k of joint feedback for channels ``ch`` (rows ``W``), in place."""
+    if k not in ps.alt:
+        ps.alt[k] = (torch.zeros(ps.channels, k, ps.d, dtype=torch.int8),
+                     torch.zeros(ps.channels, k))
+    a, q, e = joint_feedback(W, ps.scales[ch, :k], fb, ps.bits, gidx,
+                             ps.search.get('refit', True))
+    use = e < ps.cerr[ch, k]
+    ps.alt[k][0][ch] = q.to(torch.int8)
+    ps.alt[k][1][ch] = a
+    ps.use_alt[ch, k] = use
+    ps.err[ch, k] = torch.where(use, e, ps.cerr[ch, k])
+
+
 def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
                       max_points: int = 4, n_candidates: int = DEFAULT_N_CANDIDATES,
                       refit: bool = True, n_points: int | None = None,
                       min_ratio: float | None = None,
                       n_refine: int = DEFAULT_N_REFINE,
                       lloyd: int = DEFAULT_LLOYD, feedback: Feedback | None = None,
-                      fb_points: int = 1) -> PointSet:
+                      fb_points: int = 1, fb_mode: str = 'joint') -> PointSet:
     """Greedy points for every channel of W (C, d) in the metric of H.
 
     ``H`` None means the weight-space metric (H = I). ``n_points`` (default
@@ -319,9 +389,13 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
     min-max scale) down to ``min_ratio``, ``n_refine`` fine ones around the best and
     ``lloyd`` re-rounding passes (see ``greedy_step``).
 
-    ``feedback``: the first ``fb_points`` points of every channel are re-rounded
-    with error feedback on their greedy scale (``feedback_step``), and every error
-    in ``PointSet.err`` is measured in ``feedback.metric`` (the search still uses H).
+    ``feedback``: error feedback, with every error in ``PointSet.err`` measured in
+    ``feedback.metric`` (the search still uses H). ``fb_mode`` 'joint': the greedy
+    points stay as they are, and for 1..``fb_points`` points a channel may instead
+    use the same scales with all codes re-rounded together with feedback
+    (``joint_feedback``), wherever that has the lower error. 'first': the first
+    ``fb_points`` greedy points themselves are re-rounded with feedback
+    (``feedback_step``) and the later greedy points approximate what they leave.
     """
     n_refine = check_positive_int(n_refine, 'n_refine', 0)
     lloyd = check_positive_int(lloyd, 'lloyd', 0)
@@ -332,6 +406,7 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
     H = _check_layer(W, H)
     fb_points = check_positive_int(fb_points, 'fb_points', 0)
     M = _check_feedback(W, H, feedback)
+    check_choice(fb_mode, 'fb_mode', FB_MODES)
     W = W.detach().float().cpu()
     C, d = W.shape
     ratios = default_ratios(bits, n_candidates, min_ratio)
@@ -340,20 +415,28 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
                   werr=torch.full((C, P + 1), float('nan')),
                   computed=torch.zeros(C, dtype=torch.int64), bits=bits,
                   search=dict(ratios=ratios, refit=bool(refit), n_refine=n_refine,
-                              lloyd=lloyd, fb_points=fb_points if feedback else 0))
+                              lloyd=lloyd, fb_points=fb_points if feedback else 0,
+                              fb_mode=fb_mode))
     ps.err[:, 0] = M.quad(W)
+    ps.cerr = ps.err.clone()
+    joint = feedback is not None and fb_mode == 'joint'
+    if joint:
+        ps.use_alt = torch.zeros(C, P + 1, dtype=torch.bool)
     ps.werr[:, 0] = torch.linalg.vecdot(W, W)
     R = W
     for k in range(n_points):
-        scale, q, Rn, e = greedy_step(R, H, bits, ratios, refit, ps.err[:, k],
+        scale, q, Rn, e = greedy_step(R, H, bits, ratios, refit, ps.cerr[:, k],
                                       n_refine=n_refine, lloyd=lloyd,
                                       measure=None if feedback is None else M)
-        if feedback is not None and k < fb_points:
+        if feedback is not None and not joint and k < fb_points:
             scale, q, Rn, e = feedback_step(R, scale, q, Rn, e, feedback, bits)
         R = Rn
         ps.scales[:, k] = scale
         ps.codes[:, k] = q.to(torch.int8)
         ps.err[:, k + 1] = e
+        ps.cerr[:, k + 1] = e
+        if joint and k < fb_points:
+            _joint_level(ps, W, torch.arange(C), k + 1, feedback, None)
         ps.werr[:, k + 1] = torch.linalg.vecdot(R, R)
     ps.computed.fill_(n_points)
     return ps
@@ -380,6 +463,8 @@ def extend_points(ps: PointSet, W: Tensor, H: HForm | None, channels: Tensor,
     fb_points = ps.search.get('fb_points', 0)
     if bool(fb_points) != (feedback is not None):
         raise ValueError('extend_points: pass the feedback the points were made with')
+    joint = feedback is not None and ps.search.get('fb_mode') == 'joint'
+    Wd = W.detach().float().cpu()
     target = ps.max_points if n_points is None else min(int(n_points), ps.max_points)
     channels = torch.as_tensor(channels, dtype=torch.int64).reshape(-1)
     channels = channels[ps.computed[channels] < target]
@@ -399,16 +484,19 @@ def extend_points(ps: PointSet, W: Tensor, H: HForm | None, channels: Tensor,
         g = None if gidx_all is None else gidx_all[sel]
         Rs = R[sel]
         scale, q, Rn, e = greedy_step(Rs, H, ps.bits, ratios, refit,
-                                      ps.err[ch, k], gidx=g,
+                                      ps.cerr[ch, k], gidx=g,
                                       n_refine=ps.search.get('n_refine', 0),
                                       lloyd=ps.search.get('lloyd', 0),
                                       measure=None if feedback is None else M)
-        if feedback is not None and k < fb_points:
+        if feedback is not None and not joint and k < fb_points:
             scale, q, Rn, e = feedback_step(Rs, scale, q, Rn, e, feedback, ps.bits, g)
         R[sel] = Rn
         ps.scales[ch, k] = scale
         ps.codes[ch, k] = q.to(torch.int8)
         ps.err[ch, k + 1] = e
+        ps.cerr[ch, k + 1] = e
+        if joint and k < fb_points:
+            _joint_level(ps, Wd[ch], ch, k + 1, feedback, g)
         ps.werr[ch, k + 1] = torch.linalg.vecdot(Rn, Rn)
         ps.computed[ch] = k + 1
     return ps
