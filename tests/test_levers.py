@@ -260,3 +260,66 @@ def test_extend_needs_the_same_feedback():
     extend_points(ps, W, Hx, torch.arange(8), 2, feedback=Feedback(Hx))
     torch.testing.assert_close(residual(ps, W), W - (
         ps.scales[:, :2, None] * ps.codes[:, :2].float()).sum(1))
+
+
+# ------------------------------------------------------------------ model pass
+class _TinyDet(torch.nn.Module):
+    """A stem, a depthwise conv, and a head conv shared by two feature levels (as
+    RetinaNet's head), then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        g = gen(0)
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.head = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 8)
+        for m in (self.stem, self.dw, self.head, self.fc):
+            m.weight.data = torch.randn(m.weight.shape, generator=g) * 0.3
+
+    def forward(self, x):
+        x = torch.relu(self.dw(torch.relu(self.stem(x))))
+        p1, p2 = self.head(x), self.head(torch.nn.functional.max_pool2d(x, 2))
+        return self.fc(p1.mean((2, 3)) + p2.mean((2, 3)))
+
+
+@pytest.mark.parametrize('budget_on', ['memory', 'compute', 'both'])
+def test_model_pass_reports_real_compute(budget_on):
+    from mpq_det.model_pass import (QuantSettings, StatsCollector, plan_layers,
+                                    quantize_model, summarize)
+    model = _TinyDet().eval()
+    budget = 0.3
+    s = QuantSettings(bits=2, budget=budget)
+    plans, _, _ = plan_layers(model, lambda n: 'backbone', {'backbone': s})
+    col = StatsCollector(plans, feedback=True)
+    x = torch.randn(3, 3, 16, 16, generator=gen(1))
+    with torch.no_grad():
+        ref = model(x)
+        model(x)      # two batches of 3 images
+    col.remove()
+    assert col.num_images() == 6
+    res = quantize_model(model, plans, col.stats, error_feedback=True,
+                         budget_on=budget_on)
+    res.summary.update(summarize(res, model, plans))
+    rows = {r['name']: r for r in res.layers}
+    # MACs per image: the shared head sums its two levels (16x16 and 8x8)
+    assert rows['head']['macs_per_image'] == 16 * 144 * (256 + 64)
+    assert rows['stem']['macs_per_image'] == 16 * 27 * 256
+    assert rows['fc']['macs_per_image'] == 8 * 16      # one row per image
+    for name in ('stem', 'dw', 'head'):
+        q = getattr(model, name)
+        wint = q._expanded(torch.float32, torch.device('cpu'))[0]
+        C = q.out_channels
+        # what the expanded forward really runs, padded rows of grouped convs included
+        assert rows[name]['compute_overhead'] == pytest.approx((wint.shape[0] - C) / C)
+        assert rows[name]['mem_overhead'] == pytest.approx(
+            (int(q.npoints.sum()) - C) / C)
+    s_ = res.summary
+    if budget_on in ('memory', 'both'):
+        assert s_['memory_overhead'] <= budget + 1e-9
+    if budget_on in ('compute', 'both'):
+        assert s_['compute_overhead'] <= budget + 1e-6
+    assert s_['memory_overhead'] > 0
+    with torch.no_grad():
+        out = model(x)
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)

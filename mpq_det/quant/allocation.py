@@ -53,6 +53,7 @@ from .stats import HForm
 MODES = ('global', 'layer')
 BY = ('output', 'weight', 'random')
 BUDGET_ON = ('memory', 'compute', 'both')
+ALPHAS = (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
 _EPS = 1e-9
 _INF = float('inf')
 
@@ -105,14 +106,15 @@ class _Costs:
         # grouped layers have state-dependent compute costs
         self.stateful = self.on_comp and any(g > 1 for g in self.groups)
 
-    def key_cost(self, li: int) -> float:
-        """The cost a point of layer li is ranked by in the global pool."""
+    def key_cost(self, li: int, alpha: float = 0.5) -> float:
+        """The cost a point of layer li is ranked by in the global pool; for 'both',
+        alpha * (its share of the memory pool) + (1 - alpha) * (its compute share)."""
         if self.budget_on == 'memory':
             return self.mem[li]
         if self.budget_on == 'compute':
             return max(self.comp[li], 1)
-        return (self.mem[li] / max(self.mem_total, 1) +
-                self.comp[li] / max(self.comp_total, 1))
+        return (alpha * self.mem[li] / max(self.mem_total, 1) +
+                (1 - alpha) * self.comp[li] / max(self.comp_total, 1)) or 1e-30
 
     def rooms(self, layers=None) -> tuple[float, float]:
         """(memory room, compute room) of the pool made of ``layers`` (all: None)."""
@@ -124,8 +126,26 @@ class _Costs:
         return mr, cr
 
 
+def _alphas(mode: str, budget_on: str) -> list[float]:
+    """Mixes of the two costs tried for 'both' (global): the one whose allocation
+    removes the most relative output error wins (a 1-D search for the ratio of the
+    Lagrange multipliers of the two bounds)."""
+    return list(ALPHAS) if (mode == 'global' and budget_on == 'both') else [0.5]
+
+
+def _gain(point_sets, npoints) -> float:
+    """Relative output error removed by the extra points, summed over layers."""
+    g = 0.0
+    for ps, n in zip(point_sets, npoints):
+        e = ps.err.double()
+        energy = float(e[:, 0].sum())
+        if energy > 0:
+            g += float((e[:, 1] - e.gather(1, n[:, None])[:, 0]).sum()) / energy
+    return g
+
+
 def _setup(point_sets, sizes, budget, mode, by, max_points, seed, bits,
-           positions=None, groups=None, budget_on='both'):
+           positions=None, groups=None, budget_on='both', alpha=0.5):
     budget = check_budget(budget)
     check_choice(mode, 'mode', MODES)
     check_choice(by, 'by', BY)
@@ -157,7 +177,7 @@ def _setup(point_sets, sizes, budget, mode, by, max_points, seed, bits,
         P = ps.max_points if max_points is None else \
             min(check_max_points(max_points), ps.max_points)
         keys.append(_keys(ps, P, by, normalize=(mode == 'global'),
-                          cost=costs.key_cost(li), gen=gen))
+                          cost=costs.key_cost(li, alpha), gen=gen))
         Ps.append(P)
     return budget, Ps, keys, costs
 
@@ -285,9 +305,16 @@ def allocate(point_sets: list[PointSet], sizes: list[int] | None = None,
         check_budget(budget)
         check_choice(budget_on, 'budget_on', BUDGET_ON)
         return []
-    budget, Ps, keys, costs = _setup(point_sets, sizes, budget, mode, by, max_points,
-                                     seed, bits, positions, groups, budget_on)
-    return _allocate(point_sets, budget, mode, Ps, keys, costs)[0]
+    best, best_gain = None, -1.0
+    for alpha in _alphas(mode, budget_on):
+        budget_, Ps, keys, costs = _setup(point_sets, sizes, budget, mode, by,
+                                          max_points, seed, bits, positions, groups,
+                                          budget_on, alpha)
+        n = _allocate(point_sets, budget_, mode, Ps, keys, costs)[0]
+        gain = _gain(point_sets, n)
+        if gain > best_gain:
+            best, best_gain = n, gain
+    return best
 
 
 def compute_used(npoints: list[Tensor], sizes: list[int], positions: list[float],
@@ -394,6 +421,53 @@ def _multipoint_quantize(weights, hforms, bits, budget, allocation, max_points, 
     return [select_points(ps, n) for ps, n in zip(pss, npoints)], pss
 
 
+def _pending(pss, npoints, keys, Ps, info, costs: _Costs, mode: str
+             ) -> dict[int, list[Tensor]]:
+    """Channels, per layer, whose next (not yet computed) point may change the
+    allocation ``npoints`` (see ``_lazy_allocate``)."""
+    cand = []   # (layer, channels, ub)
+    for li, (ps, n, key, P) in enumerate(zip(pss, npoints, keys, Ps)):
+        pend = torch.nonzero((n >= ps.computed) & (ps.computed < P)).reshape(-1)
+        if not pend.numel():
+            continue
+        ub = key[pend, ps.computed[pend] - 1]
+        inf = info[li]
+        # a grouped layer's point may cost no compute (its group is not the
+        # largest): judged by memory alone, which only computes more points
+        comp = 0 if costs.groups[li] > 1 else costs.comp[li]
+        fits = costs.mem[li] <= inf['mem_room'] and \
+            (not costs.on_comp or comp <= inf['comp_room'])
+        ok = (ub > 0) & ((ub >= inf['tau']) | fits)
+        if bool(ok.any()):
+            cand.append((li, pend[ok], ub[ok]))
+    pools = {}
+    for li, ch, ub in cand:
+        pool = 0 if mode == 'global' else li
+        pools.setdefault(pool, []).append((li, ch, ub))
+    todo = {}
+    for pool, items in pools.items():
+        ub = torch.cat([u for _, _, u in items])
+        lay = torch.cat([torch.full((c.numel(),), li, dtype=torch.int64)
+                         for li, c, _ in items])
+        ch = torch.cat([c for _, c, _ in items])
+        inf = info[items[0][0]]
+        mem = torch.tensor(costs.mem, dtype=torch.int64)[lay]
+        comp = torch.tensor(costs.comp, dtype=torch.int64)[lay]
+        order = torch.sort(ub, descending=True, stable=True).indices
+        must = ub[order] >= inf['tau']
+        extra_pick = torch.cumsum(torch.where(must, 0, mem[order]), 0) <= \
+            2 * inf['mem_room']
+        if costs.on_comp:
+            extra_pick &= torch.cumsum(torch.where(must, 0, comp[order]), 0) <= \
+                2 * inf['comp_room']
+        pick = must | extra_pick
+        pick[0] = True
+        sel = order[pick]
+        for li in lay[sel].unique().tolist():
+            todo.setdefault(li, []).append(ch[sel][lay[sel] == li])
+    return todo
+
+
 def _lazy_allocate(pss, weights, hforms, feedbacks, budget, mode, by, max_points,
                    seed, extra):
     """Allocation that computes further points only where they may be taken.
@@ -408,54 +482,26 @@ def _lazy_allocate(pss, weights, hforms, feedbacks, budget, mode, by, max_points
     result equals the allocation over all points computed for all channels.
     """
     while True:
-        budget_, Ps, keys, costs = _setup(pss, None, budget, mode, by, max_points, seed,
-                                          extra['bits'], extra['positions'],
-                                          extra['groups'], extra['budget_on'])
-        npoints, info = _allocate(pss, budget_, mode, Ps, keys, costs)
-        cand = []   # (layer, channels, ub)
-        for li, (ps, n, key, P) in enumerate(zip(pss, npoints, keys, Ps)):
-            pend = torch.nonzero((n >= ps.computed) & (ps.computed < P)).reshape(-1)
-            if not pend.numel():
-                continue
-            ub = key[pend, ps.computed[pend] - 1]
-            inf = info[li]
-            # a grouped layer's point may cost no compute (its group is not the
-            # largest): judged by memory alone, which only computes more points
-            comp = 0 if costs.groups[li] > 1 else costs.comp[li]
-            fits = costs.mem[li] <= inf['mem_room'] and \
-                (not costs.on_comp or comp <= inf['comp_room'])
-            ok = (ub > 0) & ((ub >= inf['tau']) | fits)
-            if bool(ok.any()):
-                cand.append((li, pend[ok], ub[ok]))
-        if not cand:
-            return npoints
-        pools = {}
-        for li, ch, ub in cand:
-            pool = 0 if mode == 'global' else li
-            pools.setdefault(pool, []).append((li, ch, ub))
         todo = {}
-        for pool, items in pools.items():
-            ub = torch.cat([u for _, _, u in items])
-            lay = torch.cat([torch.full((c.numel(),), li, dtype=torch.int64)
-                             for li, c, _ in items])
-            ch = torch.cat([c for _, c, _ in items])
-            inf = info[items[0][0]]
-            mem = torch.tensor(costs.mem, dtype=torch.int64)[lay]
-            comp = torch.tensor(costs.comp, dtype=torch.int64)[lay]
-            order = torch.sort(ub, descending=True, stable=True).indices
-            must = ub[order] >= inf['tau']
-            extra_pick = torch.cumsum(torch.where(must, 0, mem[order]), 0) <= \
-                2 * inf['mem_room']
-            if costs.on_comp:
-                extra_pick &= torch.cumsum(torch.where(must, 0, comp[order]), 0) <= \
-                    2 * inf['comp_room']
-            pick = must | extra_pick
-            pick[0] = True
-            sel = order[pick]
-            for li in lay[sel].unique().tolist():
-                todo.setdefault(li, []).append(ch[sel][lay[sel] == li])
+        best, best_gain = None, -1.0
+        for alpha in _alphas(mode, extra['budget_on']):
+            budget_, Ps, keys, costs = _setup(pss, None, budget, mode, by, max_points,
+                                              seed, extra['bits'], extra['positions'],
+                                              extra['groups'], extra['budget_on'], alpha)
+            npoints, info = _allocate(pss, budget_, mode, Ps, keys, costs)
+            gain = _gain(pss, npoints)
+            if gain > best_gain:
+                best, best_gain = npoints, gain
+            for li, chs in _pending(pss, npoints, keys, Ps, info, costs, mode).items():
+                todo.setdefault(li, []).extend(chs)
+        if not todo:
+            # with several cost mixes, no pending point can change any of them: the
+            # best one is the best over all points
+            return best
         for li, chs in todo.items():
             ch = torch.cat(chs)
+            if len(chs) > 1:
+                ch = ch.unique()
             ps = pss[li]
             # one more point for each picked channel
             for k in sorted(set(ps.computed[ch].tolist())):
