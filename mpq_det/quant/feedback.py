@@ -35,31 +35,37 @@ DEFAULT_BLOCK = 128
 _GATHER_MAX = 2 ** 25   # floats gathered at most for per-row coefficient matrices
 
 
-def feedback_coefficients(H: Tensor) -> Tensor:
-    """Strictly lower-triangular A (..., n, n) with A_ij = V_ij / V_ii (j < i), where
-    H = V^T V and V is lower triangular, for a batch of PSD matrices H (..., n, n).
+# above this size the Cholesky runs in float32 (half the time); the 1% ridge of the
+# model pass keeps H well enough conditioned, and the coefficients only steer rounding
+DOUBLE_MAX_D = 1152
 
-    A singular H gets a growing ridge (1e-6 .. 1 of its mean diagonal; identity if
-    the matrix is zero) until the Cholesky succeeds: a zero-variance input then
-    passes no error on, which is what its zero row and column in H say.
+
+def feedback_coefficients(H: Tensor) -> Tensor:
+    """Coefficients of error feedback for a batch of PSD matrices H (..., n, n), as
+    AT (..., n, n) with AT[j, i] = V_ij / V_ii for j < i (entries on and below the
+    diagonal are not used), where H = V^T V and V is lower triangular.
+
+    With L = chol(J H J) (J the reversal), V = J L^T J, so AT = J (L / diag(L)) J:
+    one Cholesky, no inverse. A singular H gets a growing ridge (1e-6 .. 1 of its
+    mean diagonal; identity if the matrix is zero) until the Cholesky succeeds: a
+    zero-variance input then passes no error on, as its zero row in H says.
     """
-    H = H.double()
     n = H.shape[-1]
-    eye = torch.eye(n, dtype=H.dtype)
-    mean = H.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
-    mean = torch.where(mean > 0, mean, torch.ones_like(mean))
+    H = H.double() if n <= DOUBLE_MAX_D else H.float()
     Hf = H.flip(-1, -2)                         # J H J
     L, info = torch.linalg.cholesky_ex(Hf)
     ridge = 1e-6
     while bool((info > 0).any()):
         if ridge > 1:
             raise ValueError('feedback_coefficients: H is not positive semi-definite')
-        L, info = torch.linalg.cholesky_ex(Hf + ridge * mean * eye)
+        mean = H.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+        mean = torch.where(mean > 0, mean, torch.ones_like(mean))
+        L, info = torch.linalg.cholesky_ex(
+            Hf + ridge * mean * torch.eye(n, dtype=H.dtype))
         ridge *= 10
-    V = L.transpose(-1, -2).flip(-1, -2)        # lower, H = V^T V
-    diag = V.diagonal(dim1=-2, dim2=-1)
-    A = V / diag[..., :, None]
-    return torch.tril(A, -1).float()
+    del Hf
+    L = L / L.diagonal(dim1=-2, dim2=-1)[..., None, :]
+    return L.flip(-1, -2).float().contiguous()
 
 
 class Feedback:
@@ -87,7 +93,8 @@ class Feedback:
         return self.metric.groups
 
     def coefficients(self) -> Tensor:
-        """(G, nb, b, b): nb diagonal blocks of size b per group (nb = 1 for exact)."""
+        """(G, nb, b, b): nb diagonal blocks of size b per group (nb = 1 for exact);
+        see ``feedback_coefficients``."""
         if self._A is None:
             m = self.metric
             H = m.H[:, None] if isinstance(m, ExactH) else m.blocks
@@ -145,9 +152,9 @@ class Feedback:
         return q[:, 0] if single else q
 
 
-def _round_batched(X: Tensor, scale: Tensor, A: Tensor, Q: int, block: int) -> Tensor:
+def _round_batched(X: Tensor, scale: Tensor, AT: Tensor, Q: int, block: int) -> Tensor:
     """Feedback rounding of X (B, n, b) on k points with steps ``scale`` (B, n, k) and
-    coefficients A (B, b, b) (strictly lower triangular). Returns codes (B, n, b, k)."""
+    coefficients AT (B, b, b) (``feedback_coefficients``). Returns codes (B, n, b, k)."""
     B, n, b = X.shape
     k = scale.shape[-1]
     ok = scale > 0
@@ -156,7 +163,6 @@ def _round_batched(X: Tensor, scale: Tensor, A: Tensor, Q: int, block: int) -> T
                       torch.zeros_like(scale))
     codes = torch.empty(B, n, b, k)
     E = torch.empty_like(X)                     # e_j = x_j - sum_i a_i q_ij
-    AT = A.transpose(1, 2).contiguous()         # AT[:, j, i] = A[:, i, j]
     for s in range(0, b, block):
         t = min(s + block, b)
         # targets of this block: the block's own values plus all earlier errors

@@ -335,28 +335,35 @@ def joint_feedback(W: Tensor, scales: Tensor, fb: Feedback, bits: int,
     M = fb.metric
     n, k = scales.shape
     codes = fb.round(W, scales, bits, gidx)                       # (n, k, d)
-    err = M.quad(W - torch.einsum('nk,nkd->nd', scales, codes), gidx)
-    a = scales
-    if refit:
-        d = codes.shape[2]
-        g_rep = None if gidx is None else gidx.repeat_interleave(k)
-        HQ = M.matvec(codes.reshape(n * k, d), g_rep).reshape(n, k, d)
-        Gm = torch.bmm(codes, HQ.transpose(1, 2)).double()        # (n, k, k)
-        rhs = torch.einsum('nkd,nd->nk', HQ, W).double()
-        tr = Gm.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30) / k
-        Gm = Gm + 1e-9 * tr[:, None, None] * torch.eye(k, dtype=Gm.dtype)
-        L, info = torch.linalg.cholesky_ex(Gm)
-        ok = info == 0
-        a_ls = torch.cholesky_solve(rhs[..., None], torch.where(
-            ok[:, None, None], L, torch.eye(k, dtype=L.dtype)))[..., 0].float()
-        e_ls = M.quad(W - torch.einsum('nk,nkd->nd', a_ls, codes), gidx)
-        use = ok & (e_ls < err) & torch.isfinite(e_ls)
-        a = torch.where(use[:, None], a_ls, a)
-        err = torch.where(use, e_ls, err)
-        sign = torch.where(a < 0, -1.0, 1.0)
-        codes = codes * sign[..., None]
-        a = a.abs()
-    return a, codes, err
+    if not refit:
+        return scales, codes, M.quad(W - torch.einsum('nk,nkd->nd', scales, codes), gidx)
+    d = codes.shape[2]
+    g_rep = None if gidx is None else gidx.repeat_interleave(k)
+    HQ = M.matvec(codes.reshape(n * k, d), g_rep).reshape(n, k, d)
+    Gm = torch.bmm(codes, HQ.transpose(1, 2)).double()            # (n, k, k)
+    rhs = torch.einsum('nkd,nd->nk', HQ, W).double()
+    L, info = torch.linalg.cholesky_ex(Gm)
+    ok = (info == 0) & torch.isfinite(rhs).all(-1)
+    eye = torch.eye(k, dtype=L.dtype)
+    a_ls = torch.cholesky_solve(rhs[..., None], torch.where(ok[:, None, None], L, eye))
+    a_ls = torch.where(ok[:, None], a_ls[..., 0], scales.double())
+    e_ls = M.quad(W - torch.einsum('nk,nkd->nd', a_ls.float(), codes), gidx)
+    # a_ls minimizes the error over the scales, so the error of the greedy scales is
+    # e(a_ls) + (a - a_ls)^T G (a - a_ls): no second pass over H
+    delta = scales.double() - a_ls
+    e_greedy = e_ls.double() + torch.einsum('nk,nkl,nl->n', delta, Gm, delta)
+    use = ok & (e_ls.double() <= e_greedy) & torch.isfinite(e_ls)
+    if not bool(use.all()):     # rows without a valid refit: their own error
+        bad = ~use
+        g = gidx
+        if g is None and M.groups > 1:
+            g = torch.arange(n) // (n // M.groups)
+        e_ls = e_ls.clone()
+        e_ls[bad] = M.quad(W[bad] - torch.einsum('nk,nkd->nd', scales[bad], codes[bad]),
+                           None if g is None else g[bad])
+    a = torch.where(use[:, None], a_ls.float(), scales)
+    sign = torch.where(a < 0, -1.0, 1.0)
+    return a.abs(), codes * sign[..., None], e_ls
 
 
 def _joint_level(ps: PointSet, W: Tensor, ch: Tensor, k: int, fb: Feedback,
