@@ -170,11 +170,13 @@ def random_point_sets(seed, with_groups=True):
     return pss, sizes, pos, groups
 
 
+@pytest.mark.parametrize('with_groups', [True, False])   # stateful loop / vectorized
 @pytest.mark.parametrize('budget', [0.02, 0.05, 0.1, 0.3])
 @pytest.mark.parametrize('mode', ['global', 'layer'])
 @pytest.mark.parametrize('budget_on', ['memory', 'compute', 'both'])
-def test_allocation_keeps_the_bounds(budget, mode, budget_on):
-    pss, sizes, pos, groups = random_point_sets(budget_on.__hash__() % 7 + int(budget * 100))
+def test_allocation_keeps_the_bounds(budget, mode, budget_on, with_groups):
+    pss, sizes, pos, groups = random_point_sets(len(budget_on) + int(budget * 100),
+                                                with_groups)
     n = allocate(pss, sizes, budget, mode, 'output', 4, positions=pos, groups=groups,
                  budget_on=budget_on)
     mem_used, mem_total = budget_used(n, sizes)
@@ -196,7 +198,7 @@ def test_allocation_keeps_the_bounds(budget, mode, budget_on):
 def test_memory_only_overshoots_compute_and_both_does_not():
     """The reason for the compute bound: pooled by memory, points drift to the cheap-
     in-memory, high-resolution layers."""
-    pss, sizes, pos, groups = random_point_sets(3)
+    pss, sizes, pos, groups = random_point_sets(3, with_groups=False)
     n_mem = allocate(pss, sizes, 0.05, positions=pos, groups=groups, budget_on='memory')
     n_both = allocate(pss, sizes, 0.05, positions=pos, groups=groups, budget_on='both')
     cu, ct = compute_used(n_mem, sizes, pos, groups)
