@@ -73,7 +73,8 @@ class MultipointQuantHook(Hook):
     ``feedback_mode`` ('joint': a channel may swap its greedy points for the same
     scales with all codes re-rounded together with feedback, where that lowers the
     error; 'first': the first points themselves are re-rounded, later greedy points
-    approximate what is left), and ``budget_on`` ('memory', 'compute' or
+    approximate what is left), ``feedback_order`` (columns by decreasing input
+    energy, GPTQ's act-order) and ``budget_on`` ('memory', 'compute' or
     'both': which overheads the extra points keep within ``budget``).
 
     It quantizes in ``before_test`` (and ``before_val`` of a standalone
@@ -92,14 +93,14 @@ class MultipointQuantHook(Hook):
                  export: str | None = None, report: bool = True,
                  h_form: str = DEFAULT_FORM, layer_bits: dict | None = None,
                  error_feedback: bool = DEFAULT_ERROR_FEEDBACK, feedback_points: int = 4,
-                 feedback_mode: str = 'joint', budget_on: str = 'both',
-                 **unknown: Any) -> None:
+                 feedback_mode: str = 'joint', feedback_order: bool = True,
+                 budget_on: str = 'both', **unknown: Any) -> None:
         if unknown:
             raise ValueError(
                 f'MultipointQuantHook got unknown argument(s) {sorted(unknown)}; allowed: '
                 f'bits, method, budget, allocation, max_points, components, skip, '
                 f'act_bits, calib, export, report, h_form, layer_bits, error_feedback, '
-                f'feedback_points, feedback_mode, budget_on')
+                f'feedback_points, feedback_mode, feedback_order, budget_on')
         if not isinstance(error_feedback, bool):
             raise ValueError(f'error_feedback={error_feedback!r} must be True or False')
         self.error_feedback = error_feedback
@@ -112,6 +113,9 @@ class MultipointQuantHook(Hook):
             raise ValueError(f'feedback_mode={feedback_mode!r} is not allowed; choose one '
                              f'of {FB_MODES}')
         self.feedback_mode = feedback_mode
+        if not isinstance(feedback_order, bool):
+            raise ValueError(f'feedback_order={feedback_order!r} must be True or False')
+        self.feedback_order = feedback_order
         if budget_on not in BUDGET_ON:
             raise ValueError(f'budget_on={budget_on!r} is not allowed; choose one of '
                              f'{BUDGET_ON}')
@@ -193,7 +197,8 @@ class MultipointQuantHook(Hook):
                     calib=self.calib, h_form=self.h_form,
                     error_feedback=self.error_feedback,
                     feedback_points=self.feedback_points,
-                    feedback_mode=self.feedback_mode, budget_on=self.budget_on)
+                    feedback_mode=self.feedback_mode, feedback_order=self.feedback_order,
+                    budget_on=self.budget_on)
 
     @staticmethod
     def _notes(plans) -> list[str]:
@@ -277,6 +282,7 @@ class MultipointQuantHook(Hook):
                                     error_feedback=self.error_feedback,
                                     feedback_points=self.feedback_points,
                                     feedback_mode=self.feedback_mode,
+                                    feedback_order=self.feedback_order,
                                     budget_on=self.budget_on)
             result.skipped = skipped
             result.summary['notes'] = self._notes(plans)

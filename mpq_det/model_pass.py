@@ -236,13 +236,15 @@ def _quantize_one(p: LayerPlan) -> tuple[QuantizedWeight, Tensor | None]:
 def quantize_model(model: nn.Module, plans: list[LayerPlan],
                    stats: dict[str, LayerStats] | None, act_bits: int | None = None,
                    seed: int = 0, error_feedback: bool = False, feedback_points: int = 4,
-                   budget_on: str = 'both', feedback_mode: str = 'joint') -> QuantResult:
+                   budget_on: str = 'both', feedback_mode: str = 'joint',
+                   feedback_order: bool = True) -> QuantResult:
     """Quantizes the planned layers in place and returns the per-layer report rows.
 
     ``error_feedback``: error feedback on 1..``feedback_points`` points of every
     channel of the multipoint layers, in ``feedback_mode`` ('joint' or 'first', see
     ``mpq_det.quant.greedy_multipoint``; needs ``stats`` collected with
-    ``StatsCollector(..., feedback=True)``). ``budget_on``: which bounds the extra
+    ``StatsCollector(..., feedback=True)``); ``feedback_order``: columns in order of
+    decreasing input energy (see ``mpq_det.quant.Feedback``). ``budget_on``: which bounds the extra
     points keep ('memory', 'compute' or 'both', see ``mpq_det.quant.allocate``).
     """
     check_choice(budget_on, 'budget_on', BUDGET_ON)
@@ -264,7 +266,8 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
         s = members[0].settings
         Ws = [weight_2d(p.module) for p in members]
         Hs = [stats[p.name].stats.finalize() for p in members]
-        fbs = [stats[p.name].stats.finalize_feedback() for p in members] \
+        fbs = [stats[p.name].stats.finalize_feedback(order=feedback_order)
+               for p in members] \
             if error_feedback else None
         pos = [positions_per_image(stats[p.name], n_images) for p in members]
         out, pss = multipoint_quantize(Ws, Hs, [p.settings.bits for p in members], s.budget,

@@ -45,6 +45,20 @@ def test_feedback_equals_slow_reference(bits):
                                                                     2 ** (bits - 1) - 1))
 
 
+def test_feedback_order_is_the_reference_on_permuted_columns():
+    """act-order: the same rounding, columns taken by decreasing H_ii."""
+    W, H = correlated_layer(C=4, d=15, seed=7)
+    scale = W.abs().amax(1) / 3
+    fb = Feedback(ExactH(H), block=4, order=True)
+    perm = torch.argsort(H[0].diagonal(), descending=True)
+    assert not torch.equal(perm, torch.arange(15))
+    q = fb.round(W, scale, 3)
+    for j in range(W.shape[0]):
+        ref = feedback_round_reference(W[j, perm], float(scale[j]), H[0][perm][:, perm], 3)
+        assert torch.equal(q[j, perm], ref)
+    assert not torch.equal(q, Feedback(ExactH(H), block=4).round(W, scale, 3))
+
+
 def test_feedback_block_diagonal_equals_reference_per_block():
     W, H = correlated_layer(C=4, d=20, seed=5)
     bh = hform_from_dense(H, 'block', block_size=8)      # blocks 8, 8, 4 (+4 padding)

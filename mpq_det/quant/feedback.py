@@ -73,16 +73,23 @@ class Feedback:
     with its coefficients (computed once, on first use).
 
     ``metric`` also serves to score errors (``quad``): it is the most exact H the
-    calibration kept for this layer.
+    calibration kept for this layer. ``order``: round the columns in order of
+    decreasing H_ii (GPTQ's act-order: the inputs with the most energy first, while
+    many columns are left to absorb their error); exact H of ungrouped layers only.
     """
 
-    def __init__(self, metric: HForm, block: int = DEFAULT_BLOCK):
+    def __init__(self, metric: HForm, block: int = DEFAULT_BLOCK, order: bool = False):
         if not isinstance(metric, (ExactH, BlockH)):
             raise ValueError('error feedback needs an exact or block-diagonal H, got '
                              f'{type(metric).__name__}')
         self.metric = metric
         self.block = int(block)
         self._A = None
+        self.order = bool(order)
+        self.perm = None
+        if order and isinstance(metric, ExactH) and metric.groups == 1:
+            self.perm = torch.argsort(metric.H[0].diagonal(), descending=True)
+            self.inv = torch.argsort(self.perm)
 
     @property
     def d(self) -> int:
@@ -98,6 +105,8 @@ class Feedback:
         if self._A is None:
             m = self.metric
             H = m.H[:, None] if isinstance(m, ExactH) else m.blocks
+            if self.perm is not None:
+                H = H[..., self.perm, :][..., :, self.perm]
             self._A = feedback_coefficients(H)
         return self._A
 
@@ -117,6 +126,14 @@ class Feedback:
         C, d = R.shape
         if d != self.d:
             raise ValueError(f'R has {d} columns but H is for d={self.d}')
+        if self.perm is not None:
+            q = self._round(R[:, self.perm], scale, bits, gidx)
+            return q[..., self.inv]
+        return self._round(R, scale, bits, gidx)
+
+    def _round(self, R, scale, bits, gidx):
+        Q = qmax(check_bits(bits))
+        C, d = R.shape
         single = scale.dim() == 1
         S = scale.float().reshape(C, -1)                                # (C, k)
         k = S.shape[1]

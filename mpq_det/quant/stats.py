@@ -578,15 +578,15 @@ class InputStats:
             X = X.permute(0, 2, 1, 3)                                 # G nb N b
             self.fb_acc += torch.matmul(X.transpose(-1, -2), X)
 
-    def finalize_feedback(self, block: int | None = None):
+    def finalize_feedback(self, block: int | None = None, order: bool = True):
         """The ``Feedback`` of this layer: exact (or block-diagonal) H with the same
-        ridge as ``finalize``. Needs ``feedback=True``."""
+        ridge as ``finalize``; ``order``: see ``Feedback``. Needs ``feedback=True``."""
         from .feedback import DEFAULT_BLOCK, Feedback
         if not self.feedback:
             raise ValueError('InputStats.finalize_feedback needs feedback=True')
         if self.n == 0:
             raise ValueError('InputStats.finalize_feedback: no rows were accumulated')
-        if self._fb is None:
+        if self._fb is None or self._fb.order != order:
             damp = float(self.opts.get('damp', DEFAULT_DAMP))
             acc = self.acc if self.fb_acc is None else self.fb_acc
             acc = (acc / self.n).float()
@@ -599,7 +599,8 @@ class InputStats:
                 mean = diag[..., :].sum((-2, -1)) / self.d
                 metric = BlockH(acc + damp * mean[:, None, None, None] *
                                 torch.eye(self.fb_block), self.d)
-            self._fb = Feedback(metric, DEFAULT_BLOCK if block is None else block)
+            self._fb = Feedback(metric, DEFAULT_BLOCK if block is None else block,
+                                order=order)
         return self._fb
 
     def finalize(self) -> HForm:
