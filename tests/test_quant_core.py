@@ -372,7 +372,9 @@ def test_mse_clip_is_the_grid_minimum_and_clips_heavy_tails():
     brute force), and on heavy-tailed rows that ratio is below 1 (it clips)."""
     g = gen(13)
     # Laplace-like rows with a few large entries: where clipping pays off
-    W = torch.distributions.Laplace(0.0, 1.0).sample((32, 64)) * (torch.rand(32, 1, generator=g) + 0.1)
+    # (seeded: an unseeded sample made this test depend on the tests run before it)
+    u = torch.rand(32, 64, generator=g) - 0.5
+    W = -torch.sign(u) * torch.log1p(-2 * u.abs()) * (torch.rand(32, 1, generator=g) + 0.1)
     grid = torch.linspace(1.0, 0.2, 81)
     for bits in (2, 3, 4):
         Q = qmax(bits)
