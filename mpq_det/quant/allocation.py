@@ -452,7 +452,10 @@ def _pending(pss, npoints, keys, Ps, info, costs: _Costs, mode: str
         ch = torch.cat([c for _, c, _ in items])
         inf = info[items[0][0]]
         mem = torch.tensor(costs.mem, dtype=torch.int64)[lay]
-        comp = torch.tensor(costs.comp, dtype=torch.int64)[lay]
+        # as for ``fits``: a grouped layer's point may cost no compute, so that all
+        # of them that fit in memory are computed in one round (not one per round)
+        comp = torch.tensor([0 if g > 1 else c for g, c in zip(costs.groups, costs.comp)],
+                            dtype=torch.int64)[lay]
         order = torch.sort(ub, descending=True, stable=True).indices
         must = ub[order] >= inf['tau']
         extra_pick = torch.cumsum(torch.where(must, 0, mem[order]), 0) <= \
