@@ -74,7 +74,8 @@ class MultipointQuantHook(Hook):
     scales with all codes re-rounded together with feedback, where that lowers the
     error; 'first': the first points themselves are re-rounded, later greedy points
     approximate what is left), ``feedback_order`` (columns by decreasing input
-    energy, GPTQ's act-order) and ``budget_on`` ('memory', 'compute' or
+    energy, GPTQ's act-order), ``bias_correction`` (the mean output shift on the
+    calibration images folded into the bias of layers that have one) and ``budget_on`` ('memory', 'compute' or
     'both': which overheads the extra points keep within ``budget``).
 
     It quantizes in ``before_test`` (and ``before_val`` of a standalone
@@ -94,13 +95,15 @@ class MultipointQuantHook(Hook):
                  h_form: str = DEFAULT_FORM, layer_bits: dict | None = None,
                  error_feedback: bool = DEFAULT_ERROR_FEEDBACK, feedback_points: int = 4,
                  feedback_mode: str = 'joint', feedback_order: bool = True,
-                 budget_on: str = 'both', **unknown: Any) -> None:
+                 budget_on: str = 'both', bias_correction: bool = False,
+                 **unknown: Any) -> None:
         if unknown:
             raise ValueError(
                 f'MultipointQuantHook got unknown argument(s) {sorted(unknown)}; allowed: '
                 f'bits, method, budget, allocation, max_points, components, skip, '
                 f'act_bits, calib, export, report, h_form, layer_bits, error_feedback, '
-                f'feedback_points, feedback_mode, feedback_order, budget_on')
+                f'feedback_points, feedback_mode, feedback_order, budget_on, '
+                f'bias_correction')
         if not isinstance(error_feedback, bool):
             raise ValueError(f'error_feedback={error_feedback!r} must be True or False')
         self.error_feedback = error_feedback
@@ -116,6 +119,9 @@ class MultipointQuantHook(Hook):
         if not isinstance(feedback_order, bool):
             raise ValueError(f'feedback_order={feedback_order!r} must be True or False')
         self.feedback_order = feedback_order
+        if not isinstance(bias_correction, bool):
+            raise ValueError(f'bias_correction={bias_correction!r} must be True or False')
+        self.bias_correction = bias_correction
         if budget_on not in BUDGET_ON:
             raise ValueError(f'budget_on={budget_on!r} is not allowed; choose one of '
                              f'{BUDGET_ON}')
@@ -198,7 +204,7 @@ class MultipointQuantHook(Hook):
                     error_feedback=self.error_feedback,
                     feedback_points=self.feedback_points,
                     feedback_mode=self.feedback_mode, feedback_order=self.feedback_order,
-                    budget_on=self.budget_on)
+                    budget_on=self.budget_on, bias_correction=self.bias_correction)
 
     @staticmethod
     def _notes(plans) -> list[str]:
@@ -283,7 +289,8 @@ class MultipointQuantHook(Hook):
                                     feedback_points=self.feedback_points,
                                     feedback_mode=self.feedback_mode,
                                     feedback_order=self.feedback_order,
-                                    budget_on=self.budget_on)
+                                    budget_on=self.budget_on,
+                                    bias_correction=self.bias_correction)
             result.skipped = skipped
             result.summary['notes'] = self._notes(plans)
             result.summary.update(summarize(result, model, plans))

@@ -237,14 +237,17 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
                    stats: dict[str, LayerStats] | None, act_bits: int | None = None,
                    seed: int = 0, error_feedback: bool = False, feedback_points: int = 4,
                    budget_on: str = 'both', feedback_mode: str = 'joint',
-                   feedback_order: bool = True) -> QuantResult:
+                   feedback_order: bool = True, bias_correction: bool = False
+                   ) -> QuantResult:
     """Quantizes the planned layers in place and returns the per-layer report rows.
 
     ``error_feedback``: error feedback on 1..``feedback_points`` points of every
     channel of the multipoint layers, in ``feedback_mode`` ('joint' or 'first', see
     ``mpq_det.quant.greedy_multipoint``; needs ``stats`` collected with
     ``StatsCollector(..., feedback=True)``); ``feedback_order``: columns in order of
-    decreasing input energy (see ``mpq_det.quant.Feedback``). ``budget_on``: which bounds the extra
+    decreasing input energy (see ``mpq_det.quant.Feedback``). ``bias_correction``:
+    fold each layer's mean output shift on the calibration inputs, (W - W_q) mean(x),
+    into its bias (layers that have a bias; OCS layers excluded). ``budget_on``: which bounds the extra
     points keep ('memory', 'compute' or 'both', see ``mpq_det.quant.allocate``).
     """
     check_choice(budget_on, 'budget_on', BUDGET_ON)
@@ -284,6 +287,9 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
         m = p.module
         cls = QConv2d if isinstance(m, nn.Conv2d) else QLinear
         q = cls.from_float(m, qw, in_index=in_index)
+        if bias_correction and q.bias is not None and in_index is None and stats \
+                and p.name in stats and stats[p.name].stats.n:
+            q.bias.data += _mean_shift(m, qw, stats[p.name].stats.mean()).to(q.bias)
         ls = stats.get(p.name) if stats else None
         if act_bits is not None and ls is not None and ls.act_max >= ls.act_min:
             q.set_act_range(ls.act_min, ls.act_max, act_bits=act_bits)
@@ -291,6 +297,15 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
         res.layers.append(_layer_row(p, qw, in_index, ls, errs.get(p.name), n_images))
     res.summary['quant_time_s'] = time.perf_counter() - t0
     return res
+
+
+def _mean_shift(m: nn.Module, qw: QuantizedWeight, mean: Tensor) -> Tensor:
+    """(C_out,) mean output change that quantization caused on the calibration
+    inputs: (W - W_q)_j . mean_g(j), mean (G, d) per conv group."""
+    D = weight_2d(m).cpu() - qw.dequantize()
+    G = mean.shape[0]
+    C = D.shape[0]
+    return torch.einsum('gcd,gd->gc', D.reshape(G, C // G, -1), mean).reshape(C)
 
 
 def _layer_row(p: LayerPlan, qw: QuantizedWeight, in_index: Tensor | None,

@@ -339,3 +339,26 @@ def test_model_pass_reports_real_compute(budget_on):
     with torch.no_grad():
         out = model(x)
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
+
+
+def test_bias_correction_removes_the_mean_output_shift():
+    from mpq_det.model_pass import (QuantSettings, StatsCollector, plan_layers,
+                                    quantize_model)
+    torch.manual_seed(0)
+    outs = {}
+    for bc in (False, True):
+        model = _TinyDet().eval()
+        plans, _, _ = plan_layers(model, lambda n: 'backbone',
+                                  {'backbone': QuantSettings(bits=2, budget=0.0)})
+        col = StatsCollector(plans, rows_per_batch=10 ** 6)    # every row: exact mean
+        x = torch.randn(4, 3, 16, 16, generator=gen(2))
+        with torch.no_grad():
+            ref = model.stem(x)
+            model(x)
+        col.remove()
+        quantize_model(model, plans, col.stats, bias_correction=bc)
+        with torch.no_grad():
+            outs[bc] = (model.stem(x) - ref).mean((0, 2, 3))
+    # the stem sees the calibration images themselves: its mean shift is removed
+    assert float(outs[False].abs().max()) > 1e-3
+    assert float(outs[True].abs().max()) < 1e-4

@@ -512,6 +512,7 @@ class InputStats:
         self.opts = {**DEFAULT_FORM_OPTS.get(form, {}), **form_opts}
         self.generator = generator
         self.n = 0
+        self.row_sum = torch.zeros(self.groups, self.d, dtype=torch.float64)
         self.feedback = bool(feedback)
         self._fb = None
         G = self.groups
@@ -558,6 +559,7 @@ class InputStats:
         check_weight(rows, 'rows', ndim=3)
         rows = rows.detach().float().cpu()
         self.n += rows.shape[1]
+        self.row_sum += rows.sum(1, dtype=torch.float64)
         if self.form == 'diag':
             self.acc += (rows.double() ** 2).sum(1)
         elif self.form == 'block':
@@ -577,6 +579,13 @@ class InputStats:
             X = F.pad(rows, (0, nb * b - self.d)).reshape(self.groups, -1, nb, b)
             X = X.permute(0, 2, 1, 3)                                 # G nb N b
             self.fb_acc += torch.matmul(X.transpose(-1, -2), X)
+
+    def mean(self) -> Tensor:
+        """(G, d) mean input row (for bias correction: the mean output shift of a
+        weight error D is D @ mean)."""
+        if self.n == 0:
+            raise ValueError('InputStats.mean: no rows were accumulated')
+        return (self.row_sum / self.n).float()
 
     def finalize_feedback(self, block: int | None = None, order: bool = True):
         """The ``Feedback`` of this layer: exact (or block-diagonal) H with the same
