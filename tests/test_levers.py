@@ -45,6 +45,21 @@ def test_feedback_equals_slow_reference(bits):
                                                                     2 ** (bits - 1) - 1))
 
 
+def test_multipoint_feedback_equals_slow_reference():
+    """k points per column: each target goes to a_1 q_1 + a_2 q_2 (+ a_3 q_3), the
+    whole remainder fed forward."""
+    W, H = correlated_layer(C=4, d=13, seed=9)
+    m = W.abs().amax(1)
+    for k in (2, 3):
+        scales = torch.stack([m / 3, m / 25, m / 200][:k], 1)
+        q = Feedback(ExactH(H), block=5).round(W, scales, 3)
+        assert q.shape == (4, k, 13)
+        for j in range(4):
+            ref = feedback_round_reference(W[j], scales[j].tolist(), H[0], 3)
+            assert torch.equal(q[j], ref)
+        assert bool((q[:, 1:] != 0).any())
+
+
 def test_feedback_order_is_the_reference_on_permuted_columns():
     """act-order: the same rounding, columns taken by decreasing H_ii."""
     W, H = correlated_layer(C=4, d=15, seed=7)
@@ -256,6 +271,22 @@ def test_memory_reproduces_the_old_allocation(budget):
                      groups=kw.get('groups'), budget_on='memory')
         for a, b in zip(n, ref):
             assert torch.equal(a, b)
+
+
+def test_both_takes_the_best_cost_mix(monkeypatch):
+    """'both' searches the mix of memory and compute shares that ranks the points:
+    its allocation removes at least as much error as any single mix, more than some."""
+    import mpq_det.quant.allocation as al
+    pss, sizes, pos, groups = random_point_sets(5, with_groups=False)
+    n = allocate(pss, sizes, 0.05, positions=pos, groups=groups, budget_on='both')
+    best = al._gain(pss, n)
+    gains = []
+    for a in al.ALPHAS:
+        monkeypatch.setattr(al, 'ALPHAS', (a,))
+        gains.append(al._gain(pss, allocate(pss, sizes, 0.05, positions=pos,
+                                            groups=groups, budget_on='both')))
+    assert best >= max(gains) - 1e-12
+    assert best > min(gains)
 
 
 def test_bad_budget_on():

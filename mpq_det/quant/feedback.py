@@ -206,21 +206,27 @@ def _round_batched(X: Tensor, scale: Tensor, AT: Tensor, Q: int, block: int) -> 
     return codes
 
 
-def feedback_round_reference(r: Tensor, scale: float, H: Tensor, bits: int) -> Tensor:
+def feedback_round_reference(r: Tensor, scale, H: Tensor, bits: int) -> Tensor:
     """Slow reference for one channel: OBQ's loop with the inverse Hessian.
 
     Round column i of the current weights, then move the error onto the columns
     not yet rounded with the optimal (OBS) update -e_i / Hinv_ii * Hinv_i,F, and
-    remove column i from Hinv (Gaussian elimination). Only for tests.
+    remove column i from Hinv (Gaussian elimination). ``scale``: a float (codes (d,))
+    or a list of k steps (codes (k, d); each value goes to a_1 q_1 + ... + a_k q_k,
+    one point after the other). Only for tests.
     """
     Q = qmax(bits)
+    steps = [float(scale)] if isinstance(scale, (int, float)) else [float(a) for a in scale]
     w = r.double().clone()
     d = w.numel()
     Hinv = torch.linalg.inv(H.double())
-    q = torch.zeros(d, dtype=torch.float64)
+    q = torch.zeros(len(steps), d, dtype=torch.float64)
     for i in range(d):
-        q[i] = torch.clamp(torch.round(w[i] / scale), -Q, Q)
-        err = w[i] - scale * q[i]
+        rem = w[i]
+        for p, a in enumerate(steps):
+            q[p, i] = torch.clamp(torch.round(rem / a), -Q, Q) if a > 0 else 0
+            rem = rem - a * q[p, i]
+        err = rem
         w[i + 1:] -= err / Hinv[i, i] * Hinv[i, i + 1:]
         Hinv = Hinv - torch.outer(Hinv[:, i], Hinv[i, :]) / Hinv[i, i]
-    return q.float()
+    return q[0].float() if isinstance(scale, (int, float)) else q.float()

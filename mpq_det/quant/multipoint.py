@@ -16,6 +16,11 @@ grid. Step k works on the residual r = w - sum_{i<k} a_i q_i:
   previous one (only possible when r^T H q ~ 0), the point gets scale 0 (it is
   a no-op, and the allocation never picks a point with zero gain).
 
+With error feedback (``feedback``, see ``feedback.py``), errors are measured in the
+feedback's exact (or block-diagonal) H, and each point count k may use, instead of
+the first k greedy points, the same scales with all codes re-rounded together with
+feedback (``joint_feedback``), whichever has the lower error.
+
 Everything is vectorized over channels. Points can be computed lazily: compute
 ``n_points`` for all channels, then ``extend_points`` for the few channels that the
 allocation wants to give more.
