@@ -22,8 +22,9 @@ from .calibration import SPLITS, build_calib_loader, run_calibration
 from .model_pass import (QUANTIZABLE, QuantResult, QuantSettings, StatsCollector, plan_layers,
                          quantize_model, summarize)
 from .qstate import apply_quantized_state, quantized_state
-from .quant import DEFAULT_FORM, FORMS, check_bits
+from .quant import BUDGET_ON, DEFAULT_FORM, FORMS, check_bits
 from .quant.allocation import BY
+from .quant.multipoint import FB_MODES
 from .report import format_report, plot_report
 
 
@@ -38,6 +39,8 @@ def _register_mmcv_wrappers() -> None:
 _register_mmcv_wrappers()
 SETTING_KEYS = ('bits', 'method', 'budget', 'allocation', 'max_points')
 CALIB_DEFAULTS = dict(split='train', num_images=32, batch_size=4, seed=0)
+# error feedback wins on the committed detectors (README, "Accuracy levers")
+DEFAULT_ERROR_FEEDBACK = True
 
 
 def _check_keys(where: str, given: dict, allowed: tuple) -> None:
@@ -54,7 +57,17 @@ class MultipointQuantHook(Hook):
     ``max_points``, ``components``, ``skip``, ``act_bits``, ``calib``, ``export``,
     ``report``; plus ``h_form`` (the form of the calibration statistic H) and
     ``layer_bits`` ({glob: bits}, e.g. ``{'backbone.conv1': 8, '*.retina_reg': 8}``:
-    the usual detection-PTQ choice of 8-bit first and last layers).
+    the usual detection-PTQ choice of 8-bit first and last layers); the accuracy
+    levers ``error_feedback`` (round each multipoint layer's codes column by column,
+    feeding every column's error forward through the calibration H, GPTQ-style),
+    ``feedback_points`` (for 1..feedback_points points per channel) and
+    ``feedback_mode`` ('joint': a channel may swap its greedy points for the same
+    scales with all codes re-rounded together with feedback, where that lowers the
+    error; 'first': the first points themselves are re-rounded, later greedy points
+    approximate what is left), ``feedback_order`` (columns by decreasing input
+    energy, GPTQ's act-order), ``bias_correction`` (the mean output shift on the
+    calibration images folded into the bias of layers that have one) and ``budget_on`` ('memory', 'compute' or
+    'both': which overheads the extra points keep within ``budget``).
 
     It quantizes in ``before_test`` (and ``before_val`` of a standalone
     ``runner.val()``), i.e. after the checkpoint is loaded. Validation during training
@@ -71,12 +84,39 @@ class MultipointQuantHook(Hook):
                  act_bits: int | None = None, calib: dict | None = None,
                  export: str | None = None, report: bool = True,
                  h_form: str = DEFAULT_FORM, layer_bits: dict | None = None,
+                 error_feedback: bool = DEFAULT_ERROR_FEEDBACK, feedback_points: int = 4,
+                 feedback_mode: str = 'joint', feedback_order: bool = True,
+                 budget_on: str = 'both', bias_correction: bool = False,
                  rank_points_by: str = 'output', **unknown: Any) -> None:
         if unknown:
             raise ValueError(
                 f'MultipointQuantHook got unknown argument(s) {sorted(unknown)}; allowed: '
                 f'bits, method, budget, allocation, max_points, components, skip, '
-                f'act_bits, calib, export, report, h_form, layer_bits, rank_points_by')
+                f'act_bits, calib, export, report, h_form, layer_bits, error_feedback, '
+                f'feedback_points, feedback_mode, feedback_order, budget_on, '
+                f'bias_correction, rank_points_by')
+        if not isinstance(error_feedback, bool):
+            raise ValueError(f'error_feedback={error_feedback!r} must be True or False')
+        self.error_feedback = error_feedback
+        if isinstance(feedback_points, bool) or not isinstance(feedback_points, int) \
+                or feedback_points < 1:
+            raise ValueError(f'feedback_points={feedback_points!r} must be an int >= 1 '
+                             '(points of each channel rounded with error feedback)')
+        self.feedback_points = feedback_points
+        if feedback_mode not in FB_MODES:
+            raise ValueError(f'feedback_mode={feedback_mode!r} is not allowed; choose one '
+                             f'of {FB_MODES}')
+        self.feedback_mode = feedback_mode
+        if not isinstance(feedback_order, bool):
+            raise ValueError(f'feedback_order={feedback_order!r} must be True or False')
+        self.feedback_order = feedback_order
+        if not isinstance(bias_correction, bool):
+            raise ValueError(f'bias_correction={bias_correction!r} must be True or False')
+        self.bias_correction = bias_correction
+        if budget_on not in BUDGET_ON:
+            raise ValueError(f'budget_on={budget_on!r} is not allowed; choose one of '
+                             f'{BUDGET_ON}')
+        self.budget_on = budget_on
         self.base = QuantSettings(bits, method, budget, allocation, max_points)
         self.components = self._parse_components(components)
         if isinstance(skip, str) or not all(isinstance(g, str) for g in skip):
@@ -155,7 +195,12 @@ class MultipointQuantHook(Hook):
                                 for c, s in self.components.items()},
                     pools=self.pools, skip=self.skip, layer_bits=self.layer_bits,
                     act_bits=self.act_bits,
-                    calib=self.calib, h_form=self.h_form, rank_points_by=self.rank_points_by)
+                    calib=self.calib, h_form=self.h_form,
+                    error_feedback=self.error_feedback,
+                    feedback_points=self.feedback_points,
+                    feedback_mode=self.feedback_mode, feedback_order=self.feedback_order,
+                    budget_on=self.budget_on, bias_correction=self.bias_correction,
+                    rank_points_by=self.rank_points_by)
 
     @staticmethod
     def _notes(plans) -> list[str]:
@@ -240,7 +285,8 @@ class MultipointQuantHook(Hook):
             for g in unmatched:
                 logger.warning(f'MultipointQuantHook: skip/layer_bits glob {g!r} matches no '
                                f'layer')
-            collector = StatsCollector(plans, form=self.h_form, seed=self.calib['seed'])
+            collector = StatsCollector(plans, form=self.h_form, seed=self.calib['seed'],
+                                       feedback=self.error_feedback)
             try:
                 logger.info(f'MultipointQuantHook: calibrating {len(plans)} layers on '
                             f'{len(loader.dataset)} {self.calib["split"]} images')
@@ -248,7 +294,14 @@ class MultipointQuantHook(Hook):
             finally:
                 collector.remove()
             result = quantize_model(model, plans, collector.stats, self.act_bits,
-                                    seed=self.calib['seed'], rank_points_by=self.rank_points_by)
+                                    seed=self.calib['seed'],
+                                    error_feedback=self.error_feedback,
+                                    feedback_points=self.feedback_points,
+                                    feedback_mode=self.feedback_mode,
+                                    feedback_order=self.feedback_order,
+                                    budget_on=self.budget_on,
+                                    bias_correction=self.bias_correction,
+                                    rank_points_by=self.rank_points_by)
             result.skipped = skipped
             result.summary['notes'] = self._notes(plans)
             result.summary.update(summarize(result, model, plans))

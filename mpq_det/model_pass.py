@@ -17,9 +17,10 @@ from torch import Tensor, nn
 
 from .modules import QConv2d, QLinear
 from .qstate import swap_module
-from .quant import (DEFAULT_FORM, InputStats, QuantizedWeight, check_bits, check_budget,
-                    check_max_points, conv_patches, linear_rows, multipoint_quantize,
-                    mse_qw, ocs, rtn_qw)
+from .quant import (BUDGET_ON, DEFAULT_FORM, InputStats, QuantizedWeight, check_bits,
+                    check_budget, check_max_points, conv_patches, linear_rows,
+                    multipoint_quantize, mse_qw, ocs, rtn_qw)
+from .quant.grid import check_choice
 
 METHODS = ('multipoint', 'rtn', 'mse', 'ocs')
 ALLOCATIONS = ('global', 'layer')
@@ -70,8 +71,10 @@ class LayerStats:
     stats: InputStats
     act_min: float = float('inf')
     act_max: float = float('-inf')
-    out_positions: int = 0     # output positions per image (conv H*W; Linear rows)
-    images: int = 0
+    out_positions: int = 0     # output positions summed over calls (conv H*W; Linear rows)
+    images: int = 0            # conv: images seen, summed over calls; Linear: calls
+    calls: int = 0
+    conv: bool = False
 
 
 @dataclass
@@ -145,7 +148,9 @@ class StatsCollector:
 
     def __init__(self, plans: list[LayerPlan], form: str = DEFAULT_FORM,
                  rows_per_batch: int = ROWS_PER_BATCH, seed: int = 0, damp: float = DAMP,
-                 **form_opts):
+                 feedback: bool = False, **form_opts):
+        """``feedback``: also keep the exact (or block-diagonal) H that error feedback
+        needs, for the multipoint layers (see ``InputStats``)."""
         self.rows = rows_per_batch
         self.gen = torch.Generator().manual_seed(seed)
         self.stats: dict[str, LayerStats] = {}
@@ -155,8 +160,12 @@ class StatsCollector:
             groups = getattr(m, 'groups', 1)
             d = m.weight[0].numel()
             need_h = p.settings.method in ('multipoint',)
-            st = InputStats(d, groups, form=form if need_h else 'identity', **(
-                dict(form_opts, damp=damp) if need_h and form != 'diag' else {}))
+            taps = m.weight[0, 0].numel() if isinstance(m, nn.Conv2d) else 1
+            opts = dict(form_opts, damp=damp) if need_h and form != 'diag' else {}
+            if need_h and feedback:
+                # the feedback H gets the same ridge (diag keeps none for its search)
+                opts.update(feedback=True, taps=taps, damp=damp)
+            st = InputStats(d, groups, form=form if need_h else 'identity', **opts)
             self.stats[p.name] = LayerStats(st)
             self._handles.append(m.register_forward_hook(self._hook(p.name)))
 
@@ -164,11 +173,13 @@ class StatsCollector:
         def fn(m: nn.Module, inputs, output) -> None:
             x = inputs[0].detach().float()
             ls = self.stats[name]
+            ls.calls += 1
             ls.act_min = min(ls.act_min, float(x.min()))
             ls.act_max = max(ls.act_max, float(x.max()))
             if isinstance(m, nn.Conv2d):
                 rows = conv_patches(x, m.kernel_size, m.stride, m.padding, m.dilation,
                                     m.groups, self.rows, self.gen)
+                ls.conv = True
                 ls.out_positions += output.shape[-1] * output.shape[-2] * output.shape[0]
                 ls.images += output.shape[0]
             else:
@@ -185,6 +196,25 @@ class StatsCollector:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def num_images(self) -> int:
+        """Calibration images seen: a conv that runs once per image sees each one once
+        (shared heads run once per feature level, so the smallest count is taken)."""
+        return num_images(self.stats)
+
+
+def num_images(stats: dict[str, LayerStats]) -> int:
+    conv = [ls.images for ls in stats.values() if ls.conv and ls.images]
+    if conv:
+        return min(conv)
+    return max([ls.calls for ls in stats.values()] + [1])
+
+
+def positions_per_image(ls: LayerStats | None, n_images: int) -> float:
+    """Output positions per image of a layer, summed over its calls (feature levels)."""
+    if ls is None or not ls.calls:
+        return 1.0
+    return ls.out_positions / max(n_images, 1)
 
 
 def _quantize_one(p: LayerPlan) -> tuple[QuantizedWeight, Tensor | None]:
@@ -205,14 +235,27 @@ def _quantize_one(p: LayerPlan) -> tuple[QuantizedWeight, Tensor | None]:
 
 def quantize_model(model: nn.Module, plans: list[LayerPlan],
                    stats: dict[str, LayerStats] | None, act_bits: int | None = None,
-                   seed: int = 0, rank_points_by: str = 'output') -> QuantResult:
+                   seed: int = 0, error_feedback: bool = False, feedback_points: int = 4,
+                   budget_on: str = 'both', feedback_mode: str = 'joint',
+                   feedback_order: bool = True, bias_correction: bool = False,
+                   rank_points_by: str = 'output') -> QuantResult:
     """Quantizes the planned layers in place and returns the per-layer report rows.
 
+    ``error_feedback``: error feedback on 1..``feedback_points`` points of every
+    channel of the multipoint layers, in ``feedback_mode`` ('joint' or 'first', see
+    ``mpq_det.quant.greedy_multipoint``; needs ``stats`` collected with
+    ``StatsCollector(..., feedback=True)``); ``feedback_order``: columns in order of
+    decreasing input energy (see ``mpq_det.quant.Feedback``). ``bias_correction``:
+    fold each layer's mean output shift on the calibration inputs, (W - W_q) mean(x),
+    into its bias (layers that have a bias; OCS layers excluded). ``budget_on``: which bounds the extra
+    points keep ('memory', 'compute' or 'both', see ``mpq_det.quant.allocate``).
     ``rank_points_by`` decides where extra points go: 'output' (the method: largest
     drop of output error), or, for the ablation, 'weight' (weight error) or 'random'.
     """
+    check_choice(budget_on, 'budget_on', BUDGET_ON)
     t0 = time.perf_counter()
     res = QuantResult()
+    n_images = num_images(stats) if stats else 1
     qws: dict[str, tuple[QuantizedWeight, Tensor | None]] = {}
     errs: dict[str, tuple[float, float, float]] = {}
     # multipoint layers are quantized together per budget pool (global) or alone (layer)
@@ -228,9 +271,15 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
         s = members[0].settings
         Ws = [weight_2d(p.module) for p in members]
         Hs = [stats[p.name].stats.finalize() for p in members]
+        fbs = [stats[p.name].stats.finalize_feedback(order=feedback_order)
+               for p in members] \
+            if error_feedback else None
+        pos = [positions_per_image(stats[p.name], n_images) for p in members]
         out, pss = multipoint_quantize(Ws, Hs, [p.settings.bits for p in members], s.budget,
                                        s.allocation, s.max_points, by=rank_points_by,
-                                       seed=seed)
+                                       seed=seed, positions=pos, budget_on=budget_on,
+                                       feedbacks=fbs, fb_points=feedback_points,
+                                       fb_mode=feedback_mode)
         for p, qw, ps in zip(members, out, pss):
             qws[p.name] = (qw, None)
             e0 = ps.err[:, 0].sum().clamp_min(1e-30)
@@ -241,25 +290,41 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
         m = p.module
         cls = QConv2d if isinstance(m, nn.Conv2d) else QLinear
         q = cls.from_float(m, qw, in_index=in_index)
+        if bias_correction and q.bias is not None and in_index is None and stats \
+                and p.name in stats and stats[p.name].stats.n:
+            q.bias.data += _mean_shift(m, qw, stats[p.name].stats.mean()).to(q.bias)
         ls = stats.get(p.name) if stats else None
         if act_bits is not None and ls is not None and ls.act_max >= ls.act_min:
             q.set_act_range(ls.act_min, ls.act_max, act_bits=act_bits)
         swap_module(model, p.name, q)
-        res.layers.append(_layer_row(p, qw, in_index, ls, errs.get(p.name)))
+        res.layers.append(_layer_row(p, qw, in_index, ls, errs.get(p.name), n_images))
     res.summary['quant_time_s'] = time.perf_counter() - t0
     return res
 
 
+def _mean_shift(m: nn.Module, qw: QuantizedWeight, mean: Tensor) -> Tensor:
+    """(C_out,) mean output change that quantization caused on the calibration
+    inputs: (W - W_q)_j . mean_g(j), mean (G, d) per conv group."""
+    D = weight_2d(m).cpu() - qw.dequantize()
+    G = mean.shape[0]
+    C = D.shape[0]
+    return torch.einsum('gcd,gd->gc', D.reshape(G, C // G, -1), mean).reshape(C)
+
+
 def _layer_row(p: LayerPlan, qw: QuantizedWeight, in_index: Tensor | None,
-               ls: LayerStats | None, err: tuple[float, float, float] | None) -> dict:
+               ls: LayerStats | None, err: tuple[float, float, float] | None,
+               n_images: int = 1) -> dict:
     m, s = p.module, p.settings
     C, d = m.weight.shape[0], m.weight[0].numel()
+    G = getattr(m, 'groups', 1)
     rows = int(qw.npoints.sum())
     d_stored = qw.codes.shape[1]
-    # memory: extra b-bit weights over C*d; compute: extra MACs over C*d MACs/position
+    # memory: extra b-bit weights over C*d. Compute: the expanded forward runs
+    # G * (largest rows per group) rows of d_stored MACs per output position.
     mem_over = (rows * d_stored - C * d) / (C * d)
-    comp_over = mem_over
-    macs = C * d * ((ls.out_positions / max(ls.images, 1)) if ls else 1)
+    rows_run = G * int(qw.npoints.reshape(G, C // G).sum(1).max())
+    comp_over = (rows_run * d_stored - C * d) / (C * d)
+    macs = C * d * positions_per_image(ls, n_images)
     row = dict(name=p.name, component=p.component, type=type(m).__name__,
                shape=list(m.weight.shape), bits=qw.bits, method=s.method,
                points_mean=rows / C, points_max=int(qw.npoints.max()),

@@ -121,6 +121,13 @@ def test_budget_is_spent_and_rtn_says_budget_ignored(runner, tmp_path):
     r = fresh_runner(runner, tmp_path)
     MultipointQuantHook(bits=3, budget=0.1, calib=dict(num_images=4, batch_size=2)).before_test(r)
     s = json.load(open(osp.join(tmp_path, 'mpq_report.json')))['summary']
+    # default budget_on='both': both overheads within the budget, the binding one spent
+    assert s['memory_overhead'] <= 0.1 and s['compute_overhead'] <= 0.1 + 1e-6
+    assert max(s['memory_overhead'], s['compute_overhead']) >= 0.09
+    r = fresh_runner(runner, tmp_path)
+    MultipointQuantHook(bits=3, budget=0.1, budget_on='memory',
+                        calib=dict(num_images=4, batch_size=2)).before_test(r)
+    s = json.load(open(osp.join(tmp_path, 'mpq_report.json')))['summary']
     assert 0.09 <= s['memory_overhead'] <= 0.1
     r = fresh_runner(runner, tmp_path)
     MultipointQuantHook(bits=3, method='rtn', budget=0.1,
@@ -211,3 +218,18 @@ def test_report_picture_and_a_broken_backend_only_warns(runner, tmp_path, monkey
     assert any('could not draw' in m and 'no backend' in m for m in messages)
     assert (wd / 'mpq_report.json').exists() and not (wd / 'mpq_report.png').exists()
     assert any(isinstance(m, QConv2d) for m in r.model.modules())
+
+
+@pytest.mark.parametrize('kw,name', [
+    (dict(budget_on='flops'), 'budget_on'), (dict(error_feedback='yes'), 'error_feedback'),
+    (dict(feedback_points=0), 'feedback_points'), (dict(feedback_mode='all'), 'feedback_mode'),
+    (dict(feedback_order=1), 'feedback_order'), (dict(bias_correction=None), 'bias_correction')])
+def test_lever_arguments_are_checked(kw, name):
+    with pytest.raises(ValueError, match=name):
+        MultipointQuantHook(**kw)
+
+
+def test_lever_settings_are_stored():
+    s = MultipointQuantHook(budget_on='memory', error_feedback=False).settings()
+    assert s['budget_on'] == 'memory' and s['error_feedback'] is False
+    assert {'feedback_points', 'feedback_mode', 'feedback_order', 'bias_correction'} <= set(s)

@@ -12,7 +12,8 @@ Parts
   the time it took.
 * time: wall time to quantize every Conv2d/Linear of mmdet's
   retinanet_r50_fpn_1x_coco (random init, random statistics of the right shapes,
-  calibration excluded) at 4 bits, budget 0.05, global allocation, defaults.
+  calibration excluded) at 4 bits, budget 0.05, global allocation, defaults
+  (error feedback on, as in the hook; --feedback 0 for the pass without it).
   The last line is ``quantize_time_s=<seconds>``.
 
 ``errors`` and ``hforms`` take a list of (name, weight, H) triples: weight as in the
@@ -192,10 +193,28 @@ def retinanet_layers():
             if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
+def feedback_for(H, d, taps, groups):
+    """The Feedback the model pass would build for a layer whose statistic is the
+    random form H: dense (exact) H up to FEEDBACK_MAX_D, else block-diagonal by input
+    channel. A low-rank H is densified as U S U^T + diag(r), with a 1% ridge."""
+    from mpq_det.quant import (FEEDBACK_MAX_D, BlockH, ExactH, Feedback,
+                               feedback_block_size)
+    eye = torch.eye(d)
+    if isinstance(H, HForm) and H.kind == 'lowrank':
+        dense = torch.bmm(H.Us, H.Us.transpose(1, 2)) + torch.diag_embed(H.r)
+    else:
+        dense = H.dense()
+    dense = dense + 0.01 * dense.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye
+    if d <= FEEDBACK_MAX_D:
+        return Feedback(ExactH(dense))
+    b = feedback_block_size(d, taps)
+    return Feedback(hform_from_dense(dense, 'block', block_size=b))
+
+
 def bench_time(form=DEFAULT_FORM, bits=4, budget=0.05, max_points=4, seed=0,
-               num_threads=1, **form_opts):
+               num_threads=1, feedback=False, budget_on='both', **form_opts):
     mods = retinanet_layers()
-    Ws, Hs = [], []
+    Ws, Hs, fbs = [], [], []
     g = torch.Generator().manual_seed(seed)
     for name, m in mods:
         W = m.weight.detach().float()
@@ -203,6 +222,9 @@ def bench_time(form=DEFAULT_FORM, bits=4, budget=0.05, max_points=4, seed=0,
         groups = getattr(m, 'groups', 1)
         Hs.append(random_hform(Ws[-1].shape[1], groups, form, generator=g,
                                **form_opts))
+        if feedback:
+            taps = m.weight[0, 0].numel() if isinstance(m, nn.Conv2d) else 1
+            fbs.append(feedback_for(Hs[-1], Ws[-1].shape[1], taps, groups))
     nparams = sum(W.numel() for W in Ws)
     t0 = time.perf_counter()
     for W in Ws:
@@ -210,13 +232,15 @@ def bench_time(form=DEFAULT_FORM, bits=4, budget=0.05, max_points=4, seed=0,
     t_rtn = time.perf_counter() - t0
     t0 = time.perf_counter()
     qws, pss = multipoint_quantize(Ws, Hs, bits, budget, 'global', max_points,
-                                   num_threads=num_threads)
+                                   num_threads=num_threads, budget_on=budget_on,
+                                   feedbacks=fbs if feedback else None)
     dt = time.perf_counter() - t0
     extra = sum(q.extra_points() * q.d for q in qws)
     computed = sum(int(p.computed.sum()) for p in pss)
     print(f'\n## Quantization time: retinanet_r50_fpn_1x_coco, {len(Ws)} layers, '
           f'{nparams / 1e6:.2f}M weights, bits={bits}, budget={budget} global, '
           f'max_points={max_points}, form={form} {form_opts or ""}, '
+          f'feedback={feedback}, budget_on={budget_on} (positions unknown: 1 per layer), '
           f'threads={num_threads or torch.get_num_threads()}')
     print(f'rtn pass: {t_rtn:.2f} s; multipoint: {dt:.2f} s; points searched '
           f'{computed} for {sum(p.channels for p in pss)} channels; extra storage '
@@ -244,6 +268,10 @@ def main(argv=None):
                    'statistics (32 train images) are benched instead of synthetic ones')
     p.add_argument('--checkpoint', help='checkpoint of --config')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--feedback', type=int, default=1,
+                   help='time part: error feedback on (1, the hook default) or off (0); '
+                        'feedback H built outside the timed pass')
+    p.add_argument('--budget-on', default='both', choices=['memory', 'compute', 'both'])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -273,7 +301,8 @@ def main(argv=None):
     if 'time' in args.parts:
         opts = {k: int(v) for k, v in (o.split('=') for o in args.opt)}
         dt = bench_time(args.form, seed=args.seed,
-                        num_threads=args.pass_threads or None, **opts)
+                        num_threads=args.pass_threads or None,
+                        feedback=bool(args.feedback), budget_on=args.budget_on, **opts)
         print(f'quantize_time_s={dt:.2f}')
 
 

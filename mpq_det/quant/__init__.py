@@ -1,20 +1,27 @@
 """Multipoint quantization core: pure torch, no mmdet / mmengine imports."""
-from .allocation import allocate, budget_used, multipoint_quantize
+from .allocation import (BUDGET_ON, allocate, budget_used, compute_used,
+                         multipoint_quantize)
 from .baselines import (mse_clip, mse_qw, ocs, ocs_fold, ocs_split, rtn, rtn_qw)
+from .feedback import (Feedback, feedback_coefficients,
+                       feedback_round_reference)
 from .grid import (check_bits, check_budget, check_max_points, check_weight, qmax,
                    round_to_grid)
 from .multipoint import (DEFAULT_LLOYD, DEFAULT_N_CANDIDATES, DEFAULT_N_REFINE,
                          PointSet, QuantizedWeight,
-                         default_ratios, extend_points, from_single,
-                         greedy_multipoint, greedy_step, residual, select_points)
+                         default_ratios, extend_points, feedback_step, from_single,
+                         greedy_multipoint, greedy_step, joint_feedback, residual,
+                         select_points)
 from .packing import pack_codes, packed_nbytes, unpack_codes
-from .stats import (DEFAULT_FORM, DEFAULT_FORM_OPTS, FORMS, BlockH, DiagH, ExactH,
-                    HForm, IdentityH, InputStats, LowRankH, conv_patches,
-                    hform_from_dense, identity_hform, linear_rows,
+from .stats import (DEFAULT_FORM, DEFAULT_FORM_OPTS, FEEDBACK_MAX_D, FORMS, BlockH,
+                    DiagH, ExactH, HForm, IdentityH, InputStats, LowRankH, conv_patches,
+                    feedback_block_size, hform_from_dense, identity_hform, linear_rows,
                     random_correlated_rows, random_hform)
 
 __all__ = [
-    'allocate', 'budget_used', 'multipoint_quantize', 'mse_clip', 'mse_qw', 'ocs',
+    'BUDGET_ON', 'allocate', 'budget_used', 'compute_used', 'multipoint_quantize',
+    'Feedback', 'feedback_coefficients', 'feedback_round_reference', 'feedback_step',
+    'joint_feedback',
+    'FEEDBACK_MAX_D', 'feedback_block_size', 'mse_clip', 'mse_qw', 'ocs',
     'ocs_fold', 'ocs_split', 'rtn', 'rtn_qw', 'check_bits', 'check_budget',
     'check_max_points', 'check_weight', 'qmax', 'round_to_grid',
     'DEFAULT_N_CANDIDATES', 'DEFAULT_N_REFINE', 'DEFAULT_LLOYD', 'PointSet', 'QuantizedWeight', 'default_ratios',

@@ -1,17 +1,29 @@
-"""Allocation of extra points under a storage budget, and the full multipoint pass.
+"""Allocation of extra points under a memory and a compute budget, and the full
+multipoint pass.
 
-``budget`` is the extra weight storage as a fraction of the quantized weights.
-One extra point on a channel of a layer with d weights per channel costs d weights
-(d * bits bits when layers of different bit widths share a budget).
+``budget`` is a fraction. One extra point on a channel of a layer with d weights
+per channel costs
+* memory: d weights (d * bits bits when layers of different bit widths share a
+  budget), counted against budget * (the layers' quantized weights);
+* compute: d * (output positions per image) MACs, counted against budget * (the
+  layers' MACs per image). A grouped conv runs as one conv whose groups are all
+  padded to the largest group's number of rows (``QConv2d``'s expanded forward), so
+  a point there costs G * d * positions when it makes its group the largest and
+  nothing otherwise. ``positions`` default to 1 per layer.
 
-* ``layer``: each layer adds floor(budget * C_out) extra points, each to the channel
-  whose next point lowers the output error most, up to ``max_points`` per channel.
-* ``global``: the budget floor(budget * sum_l C_l d_l) (in weights, or in bits when
-  ``bits`` differ) is pooled; each next point goes where
+``budget_on`` ('memory' | 'compute' | 'both', default 'both') says which of the two
+bounds the allocation keeps; 'memory' is the allocation of earlier versions.
+
+* ``layer``: each layer adds at most floor(budget * C_out) extra points (and, with
+  compute, at most budget of its own MACs), each to the channel whose next point
+  lowers the output error most, up to ``max_points`` per channel.
+* ``global``: the budgets are pooled; each next point goes where
   (error drop) / (layer output energy sum_j err[j, 0]) / (cost of the point) is
-  largest. A point that no longer fits is skipped (its layer is closed) and the
-  next best one that fits is taken, so the budget is never exceeded and is used up
-  while points with a positive gain remain.
+  largest. The cost is the memory cost ('memory'), the dense compute cost
+  d * positions ('compute'), or for 'both' the sum of the two as fractions of their
+  totals. A point that no longer fits (in either bound) is skipped and the next
+  best one that fits is taken, so no bound is ever exceeded and the budget is used
+  up while points with a positive gain remain.
 
 ``by`` picks what ranks points: 'output' (the error in the H metric), 'weight'
 (weight-space error, for the ablation) or 'random' (seeded random priorities).
@@ -19,7 +31,9 @@ One extra point on a channel of a layer with d weights per channel costs d weigh
 Implementation: a channel's points must be taken in order, so priorities are made
 non-increasing along a channel (running minimum); then the greedy that always takes
 the best available next point equals taking items in sorted order (stable sort,
-ties keep the earlier point first). No heap or Python loop over points is needed.
+ties keep the earlier point first). Without grouped convs under a compute bound,
+costs are constant and the items are taken in vectorized chunks; otherwise one
+Python loop over the sorted items tracks each grouped layer's rows per group.
 """
 from __future__ import annotations
 
@@ -28,6 +42,7 @@ import math
 import torch
 from torch import Tensor
 
+from .feedback import Feedback
 from .grid import (check_bits, check_budget, check_choice, check_max_points,
                    check_positive_int)
 from .multipoint import (DEFAULT_LLOYD, DEFAULT_N_CANDIDATES, DEFAULT_N_REFINE,
@@ -37,10 +52,13 @@ from .stats import HForm
 
 MODES = ('global', 'layer')
 BY = ('output', 'weight', 'random')
+BUDGET_ON = ('memory', 'compute', 'both')
+ALPHAS = (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
 _EPS = 1e-9
+_INF = float('inf')
 
 
-def _keys(ps: PointSet, P: int, by: str, normalize: bool, cost: int,
+def _keys(ps: PointSet, P: int, by: str, normalize: bool, cost: float,
           gen: torch.Generator) -> Tensor:
     """(C, P-1) priorities of extra points 2..P, non-increasing along each row.
 
@@ -70,106 +88,249 @@ def _available(ps: PointSet, P: int) -> Tensor:
     return (torch.arange(1, P)[None, :] + 1) <= ps.computed[:, None]
 
 
-def _setup(point_sets, sizes, budget, mode, by, max_points, seed, bits):
+class _Costs:
+    """Per-layer costs and pool sizes of one allocation (see the module doc)."""
+
+    def __init__(self, point_sets, sizes, wbits, positions, groups, budget, budget_on):
+        self.mem = [int(d) * wb for d, wb in zip(sizes, wbits)]
+        # MACs per image of one extra row, integers so that the bounds are exact
+        self.comp = [int(round(int(d) * float(p))) for d, p in zip(sizes, positions)]
+        self.groups = [int(g) for g in groups]
+        self.C = [ps.channels for ps in point_sets]
+        self.on_mem = budget_on in ('memory', 'both')
+        self.on_comp = budget_on in ('compute', 'both')
+        self.mem_total = sum(c * m for c, m in zip(self.C, self.mem))
+        self.comp_total = sum(c * m for c, m in zip(self.C, self.comp))
+        self.budget = budget
+        self.budget_on = budget_on
+        # grouped layers have state-dependent compute costs
+        self.stateful = self.on_comp and any(g > 1 for g in self.groups)
+
+    def key_cost(self, li: int, alpha: float = 0.5) -> float:
+        """The cost a point of layer li is ranked by in the global pool; for 'both',
+        alpha * (its share of the memory pool) + (1 - alpha) * (its compute share)."""
+        if self.budget_on == 'memory':
+            return self.mem[li]
+        if self.budget_on == 'compute':
+            return max(self.comp[li], 1)
+        return (alpha * self.mem[li] / max(self.mem_total, 1) +
+                (1 - alpha) * self.comp[li] / max(self.comp_total, 1)) or 1e-30
+
+    def rooms(self, layers=None) -> tuple[float, float]:
+        """(memory room, compute room) of the pool made of ``layers`` (all: None)."""
+        idx = range(len(self.C)) if layers is None else layers
+        m = sum(self.C[i] * self.mem[i] for i in idx)
+        c = sum(self.C[i] * self.comp[i] for i in idx)
+        mr = math.floor(self.budget * m + _EPS) if self.on_mem else _INF
+        cr = math.floor(self.budget * c + _EPS) if self.on_comp else _INF
+        return mr, cr
+
+
+def _alphas(mode: str, budget_on: str) -> list[float]:
+    """Mixes of the two costs tried for 'both' (global): the one whose allocation
+    removes the most relative output error wins (a 1-D search for the ratio of the
+    Lagrange multipliers of the two bounds)."""
+    return list(ALPHAS) if (mode == 'global' and budget_on == 'both') else [0.5]
+
+
+def _gain(point_sets, npoints) -> float:
+    """Relative output error removed by the extra points, summed over layers."""
+    g = 0.0
+    for ps, n in zip(point_sets, npoints):
+        e = ps.err.double()
+        energy = float(e[:, 0].sum())
+        if energy > 0:
+            g += float((e[:, 1] - e.gather(1, n[:, None])[:, 0]).sum()) / energy
+    return g
+
+
+def _setup(point_sets, sizes, budget, mode, by, max_points, seed, bits,
+           positions=None, groups=None, budget_on='both', alpha=0.5):
     budget = check_budget(budget)
     check_choice(mode, 'mode', MODES)
     check_choice(by, 'by', BY)
+    check_choice(budget_on, 'budget_on', BUDGET_ON)
+    L = len(point_sets)
     if sizes is None:
         sizes = [ps.d for ps in point_sets]
-    if len(sizes) != len(point_sets):
-        raise ValueError(f'sizes has {len(sizes)} entries for {len(point_sets)} layers')
+    if len(sizes) != L:
+        raise ValueError(f'sizes has {len(sizes)} entries for {L} layers')
     if bits is None:
-        wbits = [1] * len(point_sets)
+        wbits = [1] * L
     else:
-        if len(bits) != len(point_sets):
-            raise ValueError(f'bits has {len(bits)} entries for {len(point_sets)} '
-                             'layers')
+        if len(bits) != L:
+            raise ValueError(f'bits has {len(bits)} entries for {L} layers')
         wbits = [check_bits(b) for b in bits]
+    positions = [1.0] * L if positions is None else [float(p) for p in positions]
+    groups = [1] * L if groups is None else [int(g) for g in groups]
+    if len(positions) != L or len(groups) != L:
+        raise ValueError(f'positions and groups need one entry for each of {L} layers')
+    for p, g, ps in zip(positions, groups, point_sets):
+        if not (p >= 0 and math.isfinite(p)):
+            raise ValueError(f'positions must be finite numbers >= 0, got {p}')
+        if g < 1 or ps.channels % g:
+            raise ValueError(f'groups={g} must divide the {ps.channels} channels')
+    costs = _Costs(point_sets, sizes, wbits, positions, groups, budget, budget_on)
     gen = torch.Generator().manual_seed(int(seed))
-    Ps, keys, costs = [], [], []
-    for ps, d, wb in zip(point_sets, sizes, wbits):
+    Ps, keys = [], []
+    for li, ps in enumerate(point_sets):
         P = ps.max_points if max_points is None else \
             min(check_max_points(max_points), ps.max_points)
-        cost = int(d) * wb
-        keys.append(_keys(ps, P, by, normalize=(mode == 'global'), cost=cost,
-                          gen=gen))
+        keys.append(_keys(ps, P, by, normalize=(mode == 'global'),
+                          cost=costs.key_cost(li, alpha), gen=gen))
         Ps.append(P)
-        costs.append(cost)
-    return budget, sizes, wbits, Ps, keys, costs
+    return budget, Ps, keys, costs
 
 
-def _allocate(point_sets, budget, mode, sizes, wbits, Ps, keys, costs):
-    """Returns npoints per layer, and per layer (tau, room, unit cost): the smallest
-    key taken in the layer's pool (inf if none) and the pool's unspent budget."""
-    out = [torch.ones(ps.channels, dtype=torch.int64) for ps in point_sets]
-    info = []
-    if mode == 'layer':
-        for li, (ps, key, P) in enumerate(zip(point_sets, keys, Ps)):
-            m = math.floor(budget * ps.channels + _EPS)
-            flat = torch.where(_available(ps, P), key, torch.zeros((), dtype=key.dtype))
-            flat = flat.reshape(-1)
-            tau = float('inf')
-            if m and flat.numel():
-                order = torch.sort(flat, descending=True, stable=True).indices
-                order = order[flat[order] > 0][:m]
-                if order.numel():
-                    tau = float(flat[order[-1]])
-                    out[li] += torch.bincount(order // key.shape[1],
-                                              minlength=ps.channels)
-                m -= order.numel()
-            info.append((tau, m, 1))
-        return out, info
-
-    total = sum(ps.channels * d * wb for ps, d, wb in zip(point_sets, sizes, wbits))
-    remaining = math.floor(budget * total + _EPS)
-    flat_key = torch.cat([torch.where(_available(ps, P), k,
-                                      torch.zeros((), dtype=k.dtype)).reshape(-1)
-                          for ps, k, P in zip(point_sets, keys, Ps)])
-    layer_of = torch.cat([torch.full((k.numel(),), i, dtype=torch.int64)
-                          for i, k in enumerate(keys)])
-    chan_of = torch.cat([torch.arange(k.numel(), dtype=torch.int64) //
-                         max(k.shape[1], 1) for k in keys])
-    cost_of = torch.tensor(costs, dtype=torch.int64)[layer_of]
-    order = torch.sort(flat_key, descending=True, stable=True).indices
-    order = order[flat_key[order] > 0]
-    order = order[cost_of[order] <= remaining]
+def _fill(order: Tensor, layer_of: Tensor, chan_of: Tensor, costs: _Costs,
+          mem_room: float, comp_room: float, layers: list[int]):
+    """Takes items in ``order`` while they fit in both rooms, skipping those that do
+    not. Returns (taken item indices, rooms left, per-layer rows-per-group state)."""
+    mem_of = torch.tensor([costs.mem[i] if i in layers else 0
+                           for i in range(len(costs.C))], dtype=torch.int64)[layer_of]
+    state = {li: ([costs.C[li] // costs.groups[li]] * costs.groups[li],
+                  [costs.C[li] // costs.groups[li]])
+             for li in layers if costs.groups[li] > 1}
+    if not costs.stateful:
+        comp_of = torch.tensor(costs.comp, dtype=torch.int64)[layer_of]
+        cm_room = comp_room if costs.on_comp else None
+        ok = mem_of[order] <= mem_room
+        if cm_room is not None:
+            ok &= comp_of[order] <= cm_room
+        order = order[ok]
+        taken = []
+        while order.numel():
+            cs = torch.cumsum(mem_of[order], 0)
+            n = int(torch.searchsorted(cs, torch.tensor([mem_room]), right=True)) \
+                if mem_room != _INF else order.numel()
+            if cm_room is not None:
+                cc = torch.cumsum(comp_of[order], 0)
+                n = min(n, int(torch.searchsorted(cc, torch.tensor([cm_room]),
+                                                  right=True)))
+            if n:
+                taken.append(order[:n])
+                if mem_room != _INF:
+                    mem_room -= int(cs[n - 1])
+                if cm_room is not None:
+                    cm_room -= int(cc[n - 1])
+            rest = order[n:]
+            ok = mem_of[rest] <= mem_room
+            if cm_room is not None:
+                ok &= comp_of[rest] <= cm_room
+            order = rest[ok]
+        t = torch.cat(taken) if taken else order.new_zeros(0)
+        return t, mem_room, (comp_room if cm_room is None else cm_room), state
+    # grouped convs under a compute bound: costs depend on the rows taken so far
+    mem = costs.mem
+    lay, ch = layer_of[order].tolist(), chan_of[order].tolist()
     taken = []
-    while order.numel():
-        cs = torch.cumsum(cost_of[order], 0)
-        n = int(torch.searchsorted(cs, torch.tensor([remaining]), right=True))
-        if n:
-            taken.append(order[:n])
-            remaining -= int(cs[n - 1])
-        rest = order[n:]
-        order = rest[cost_of[rest] <= remaining]
-    tau = float('inf')
-    if taken:
-        t = torch.cat(taken)
-        tau = float(flat_key[t].min())
-        for li in range(len(point_sets)):
+    min_mem = min((mem[i] for i in layers), default=0)
+    for pos, (li, c) in enumerate(zip(lay, ch)):
+        if mem_room < min_mem:
+            break
+        m = mem[li]
+        if m > mem_room:
+            continue
+        G = costs.groups[li]
+        if G > 1:
+            rows, top = state[li]
+            g = c // (costs.C[li] // G)
+            cc = G * costs.comp[li] if rows[g] + 1 > top[0] else 0
+        else:
+            cc = costs.comp[li]
+        if cc > comp_room:
+            continue
+        mem_room -= m
+        comp_room -= cc
+        if G > 1:
+            rows[g] += 1
+            top[0] = max(top[0], rows[g])
+        taken.append(pos)
+    t = order[torch.tensor(taken, dtype=torch.int64)] if taken else order.new_zeros(0)
+    return t, mem_room, comp_room, state
+
+
+def _allocate(point_sets, budget, mode, Ps, keys, costs: _Costs):
+    """Returns npoints per layer, and per layer a dict: tau (the smallest key taken in
+    the layer's pool, inf if none), the pool's unspent memory and compute rooms, and
+    the rows-per-group state of grouped layers."""
+    L = len(point_sets)
+    out = [torch.ones(ps.channels, dtype=torch.int64) for ps in point_sets]
+    pools = [[li] for li in range(L)] if mode == 'layer' else [list(range(L))]
+    info = [None] * L
+    for layers in pools:
+        sub_keys = [torch.where(_available(point_sets[i], Ps[i]), keys[i],
+                                torch.zeros((), dtype=keys[i].dtype)) for i in layers]
+        flat_key = torch.cat([k.reshape(-1) for k in sub_keys])
+        layer_of = torch.cat([torch.full((keys[i].numel(),), i, dtype=torch.int64)
+                              for i in layers])
+        chan_of = torch.cat([torch.arange(keys[i].numel(), dtype=torch.int64) //
+                             max(keys[i].shape[1], 1) for i in layers])
+        if mode == 'layer':
+            # the paper's rule: floor(budget * C_out) points, i.e. that many rows of d
+            li = layers[0]
+            mem_room = math.floor(budget * costs.C[li] + _EPS) * costs.mem[li]
+            comp_room = costs.rooms(layers)[1]
+        else:
+            mem_room, comp_room = costs.rooms()
+        order = torch.sort(flat_key, descending=True, stable=True).indices
+        order = order[flat_key[order] > 0]
+        t, mem_room, comp_room, state = _fill(order, layer_of, chan_of, costs,
+                                              mem_room, comp_room, layers)
+        tau = float(flat_key[t].min()) if t.numel() else _INF
+        for li in layers:
             sel = t[layer_of[t] == li]
             if sel.numel():
                 out[li] += torch.bincount(chan_of[sel], minlength=point_sets[li].channels)
-    info = [(tau, remaining, c) for c in costs]
+            info[li] = dict(tau=tau, mem_room=mem_room, comp_room=comp_room,
+                            state=state.get(li))
     return out, info
 
 
 def allocate(point_sets: list[PointSet], sizes: list[int] | None = None,
              budget: float = 0.05, mode: str = 'global', by: str = 'output',
              max_points: int | None = None, seed: int = 0,
-             bits: list[int] | None = None) -> list[Tensor]:
+             bits: list[int] | None = None, positions: list[float] | None = None,
+             groups: list[int] | None = None, budget_on: str = 'both') -> list[Tensor]:
     """Number of points per channel (C,) int64 (>= 1) for every layer.
 
     Only computed points (``PointSet.computed``) are allocated. ``sizes``: d per
     layer (default: from the point sets). ``bits``: per-layer bit widths; when
-    given, costs and the budget are counted in bits instead of weights.
+    given, memory costs and the budget are counted in bits instead of weights.
+    ``positions``: output positions per image of each layer (default 1);
+    ``groups``: conv groups of each layer (default 1); ``budget_on``: which of the
+    memory and compute bounds to keep ('memory', 'compute', 'both').
     """
     if not point_sets:
         check_budget(budget)
+        check_choice(budget_on, 'budget_on', BUDGET_ON)
         return []
-    budget, sizes, wbits, Ps, keys, costs = _setup(point_sets, sizes, budget, mode,
-                                                   by, max_points, seed, bits)
-    return _allocate(point_sets, budget, mode, sizes, wbits, Ps, keys, costs)[0]
+    best, best_gain = None, -1.0
+    for alpha in _alphas(mode, budget_on):
+        budget_, Ps, keys, costs = _setup(point_sets, sizes, budget, mode, by,
+                                          max_points, seed, bits, positions, groups,
+                                          budget_on, alpha)
+        n = _allocate(point_sets, budget_, mode, Ps, keys, costs)[0]
+        gain = _gain(point_sets, n)
+        if gain > best_gain:
+            best, best_gain = n, gain
+    return best
+
+
+def compute_used(npoints: list[Tensor], sizes: list[int], positions: list[float],
+                 groups: list[int] | None = None) -> tuple[float, float]:
+    """(extra MACs per image, MACs per image) of the layers' expanded forwards.
+
+    A grouped conv computes G * (largest rows per group) * d * positions.
+    """
+    groups = groups or [1] * len(sizes)
+    used = total = 0.0
+    for n, d, p, g in zip(npoints, sizes, positions, groups):
+        C = n.numel()
+        rows = int(n.reshape(g, C // g).sum(1).max()) * g
+        used += (rows - C) * d * float(p)
+        total += C * d * float(p)
+    return used, total
 
 
 def budget_used(npoints: list[Tensor], sizes: list[int],
@@ -188,7 +349,10 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
                         refit: bool = True, seed: int = 0, lazy: bool = True,
                         min_ratio: float | None = None,
                         num_threads: int | None = 1,
-                        n_refine: int = DEFAULT_N_REFINE, lloyd: int = DEFAULT_LLOYD
+                        n_refine: int = DEFAULT_N_REFINE, lloyd: int = DEFAULT_LLOYD,
+                        positions: list[float] | None = None, budget_on: str = 'both',
+                        feedbacks: list[Feedback | None] | None = None,
+                        fb_points: int = 4, fb_mode: str = 'joint'
                         ) -> tuple[list[QuantizedWeight], list[PointSet]]:
     """Greedy points + allocation for layers sharing one budget.
 
@@ -197,36 +361,44 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
     the allocation fills up to their computed points get the rest, and the
     allocation is run again: the result equals the non-lazy one.
 
+    ``positions`` (output positions per image per layer) and ``budget_on``: see
+    ``allocate``; the groups of each layer come from its HForm. ``feedbacks``: a
+    ``Feedback`` per layer (or None) for error feedback on 1..``fb_points`` points
+    per channel, in mode ``fb_mode`` (see ``greedy_multipoint``).
+
     ``num_threads``: torch intra-op threads during the pass (restored after);
     None keeps the current setting. The default 1 is deliberate: the work is many
     mid-sized memory-bound ops, and on a busy machine (dataloader workers, other
     jobs) two threads made the RetinaNet pass up to ~45x slower than one
     (see tools/bench_quant.py).
     """
+    args = (weights, hforms, bits, budget, allocation, max_points, by, n_candidates,
+            refit, seed, lazy, min_ratio, n_refine, lloyd, positions, budget_on,
+            feedbacks, fb_points, fb_mode)
     if num_threads is None:
-        return _multipoint_quantize(weights, hforms, bits, budget, allocation,
-                                    max_points, by, n_candidates, refit, seed, lazy,
-                                    min_ratio, n_refine, lloyd)
+        return _multipoint_quantize(*args)
     old = torch.get_num_threads()
     torch.set_num_threads(check_positive_int(num_threads, 'num_threads'))
     try:
-        return _multipoint_quantize(weights, hforms, bits, budget, allocation,
-                                    max_points, by, n_candidates, refit, seed, lazy,
-                                    min_ratio, n_refine, lloyd)
+        return _multipoint_quantize(*args)
     finally:
         torch.set_num_threads(old)
 
 
 def _multipoint_quantize(weights, hforms, bits, budget, allocation, max_points, by,
                          n_candidates, refit, seed, lazy, min_ratio, n_refine,
-                         lloyd):
+                         lloyd, positions, budget_on, feedbacks, fb_points, fb_mode):
     budget = check_budget(budget)
     max_points = check_max_points(max_points)
     check_choice(allocation, 'allocation', MODES)
+    check_choice(budget_on, 'budget_on', BUDGET_ON)
     if len(weights) != len(hforms):
         raise ValueError(f'weights has {len(weights)} entries but hforms has '
                          f'{len(hforms)}')
     L = len(weights)
+    feedbacks = [None] * L if feedbacks is None else list(feedbacks)
+    if len(feedbacks) != L:
+        raise ValueError(f'feedbacks has {len(feedbacks)} entries for {L} layers')
     bl = [bits] * L if not isinstance(bits, (list, tuple)) else list(bits)
     if len(bl) != L:
         raise ValueError(f'bits has {len(bl)} entries for {L} layers')
@@ -234,72 +406,108 @@ def _multipoint_quantize(weights, hforms, bits, budget, allocation, max_points, 
     mixed = len(set(bl)) > 1
     first = 1 if (budget == 0 or lazy) else max_points
     pss = [greedy_multipoint(W, H, b, max_points, n_candidates, refit, first,
-                             min_ratio, n_refine, lloyd)
-           for W, H, b in zip(weights, hforms, bl)]
-    bits_arg = bl if mixed else None
+                             min_ratio, n_refine, lloyd, fb, fb_points, fb_mode)
+           for W, H, b, fb in zip(weights, hforms, bl, feedbacks)]
+    groups = [1 if H is None else H.groups for H in hforms]
+    extra = dict(bits=bl if mixed else None, positions=positions, groups=groups,
+                 budget_on=budget_on)
     if budget == 0 or max_points == 1:
         npoints = [torch.ones(ps.channels, dtype=torch.int64) for ps in pss]
     elif not lazy:
-        npoints = allocate(pss, None, budget, allocation, by, max_points, seed,
-                           bits_arg)
+        npoints = allocate(pss, None, budget, allocation, by, max_points, seed, **extra)
     else:
-        npoints = _lazy_allocate(pss, weights, hforms, budget, allocation, by,
-                                 max_points, seed, bits_arg)
+        npoints = _lazy_allocate(pss, weights, hforms, feedbacks, budget, allocation,
+                                 by, max_points, seed, extra)
     return [select_points(ps, n) for ps, n in zip(pss, npoints)], pss
 
 
-def _lazy_allocate(pss, weights, hforms, budget, mode, by, max_points, seed, bits):
+def _pending(pss, npoints, keys, Ps, info, costs: _Costs, mode: str
+             ) -> dict[int, list[Tensor]]:
+    """Channels, per layer, whose next (not yet computed) point may change the
+    allocation ``npoints`` (see ``_lazy_allocate``)."""
+    cand = []   # (layer, channels, ub)
+    for li, (ps, n, key, P) in enumerate(zip(pss, npoints, keys, Ps)):
+        pend = torch.nonzero((n >= ps.computed) & (ps.computed < P)).reshape(-1)
+        if not pend.numel():
+            continue
+        ub = key[pend, ps.computed[pend] - 1]
+        inf = info[li]
+        # a grouped layer's point may cost no compute (its group is not the
+        # largest): judged by memory alone, which only computes more points
+        comp = 0 if costs.groups[li] > 1 else costs.comp[li]
+        fits = costs.mem[li] <= inf['mem_room'] and \
+            (not costs.on_comp or comp <= inf['comp_room'])
+        ok = (ub > 0) & ((ub >= inf['tau']) | fits)
+        if bool(ok.any()):
+            cand.append((li, pend[ok], ub[ok]))
+    pools = {}
+    for li, ch, ub in cand:
+        pool = 0 if mode == 'global' else li
+        pools.setdefault(pool, []).append((li, ch, ub))
+    todo = {}
+    for pool, items in pools.items():
+        ub = torch.cat([u for _, _, u in items])
+        lay = torch.cat([torch.full((c.numel(),), li, dtype=torch.int64)
+                         for li, c, _ in items])
+        ch = torch.cat([c for _, c, _ in items])
+        inf = info[items[0][0]]
+        mem = torch.tensor(costs.mem, dtype=torch.int64)[lay]
+        # as for ``fits``: a grouped layer's point may cost no compute, so that all
+        # of them that fit in memory are computed in one round (not one per round)
+        comp = torch.tensor([0 if g > 1 else c for g, c in zip(costs.groups, costs.comp)],
+                            dtype=torch.int64)[lay]
+        order = torch.sort(ub, descending=True, stable=True).indices
+        must = ub[order] >= inf['tau']
+        extra_pick = torch.cumsum(torch.where(must, 0, mem[order]), 0) <= \
+            2 * inf['mem_room']
+        if costs.on_comp:
+            extra_pick &= torch.cumsum(torch.where(must, 0, comp[order]), 0) <= \
+                2 * inf['comp_room']
+        pick = must | extra_pick
+        pick[0] = True
+        sel = order[pick]
+        for li in lay[sel].unique().tolist():
+            todo.setdefault(li, []).append(ch[sel][lay[sel] == li])
+    return todo
+
+
+def _lazy_allocate(pss, weights, hforms, feedbacks, budget, mode, by, max_points,
+                   seed, extra):
     """Allocation that computes further points only where they may be taken.
 
     Invariant: a channel whose next point is not computed has an upper bound UB of
-    that point's priority. With tau the smallest priority taken and ``room`` the
-    unspent budget of its pool, a point with UB < tau that does not fit in ``room``
+    that point's priority. With tau the smallest priority taken and the rooms the
+    unspent budgets of its pool, a point with UB < tau comes after every point
+    taken, so it would be judged against the final rooms: if it fits in neither, it
     cannot change the greedy result. Pending points that may matter are computed
-    (those with UB >= tau, plus the best by UB whose cost adds up to twice the
-    room), and the allocation is redone, until none are left: the result equals
-    the allocation over all points computed for all channels.
+    (those with UB >= tau or that fit, plus the best by UB whose costs add up to
+    twice the rooms), and the allocation is redone, until none are left: the
+    result equals the allocation over all points computed for all channels.
     """
     while True:
-        budget_, sizes, wbits, Ps, keys, costs = _setup(pss, None, budget, mode, by,
-                                                        max_points, seed, bits)
-        npoints, info = _allocate(pss, budget_, mode, sizes, wbits, Ps, keys, costs)
-        # pending points: channels that got every computed point, and may get more
-        cand = []   # (layer, channels, ub)
-        for li, (ps, n, key, P) in enumerate(zip(pss, npoints, keys, Ps)):
-            pend = torch.nonzero((n >= ps.computed) & (ps.computed < P)).reshape(-1)
-            if not pend.numel():
-                continue
-            ub = key[pend, ps.computed[pend] - 1]
-            tau, room, cost = info[li]
-            ok = (ub > 0) & ((ub >= tau) | (cost <= room))
-            if bool(ok.any()):
-                cand.append((li, pend[ok], ub[ok]))
-        if not cand:
-            return npoints
-        pools = {}
-        for li, ch, ub in cand:
-            pool = 0 if mode == 'global' else li
-            pools.setdefault(pool, []).append((li, ch, ub))
         todo = {}
-        for pool, items in pools.items():
-            ub = torch.cat([u for _, _, u in items])
-            lay = torch.cat([torch.full((c.numel(),), li, dtype=torch.int64)
-                             for li, c, _ in items])
-            ch = torch.cat([c for _, c, _ in items])
-            tau, room, _ = info[items[0][0]]
-            cost = torch.tensor([info[li][2] for li in range(len(pss))])[lay]
-            order = torch.sort(ub, descending=True, stable=True).indices
-            must = ub[order] >= tau
-            extra = torch.cumsum(torch.where(must, 0, cost[order]), 0) <= 2 * room
-            pick = must | extra
-            pick[0] = True
-            sel = order[pick]
-            for li in lay[sel].unique().tolist():
-                todo.setdefault(li, []).append(ch[sel][lay[sel] == li])
+        best, best_gain = None, -1.0
+        for alpha in _alphas(mode, extra['budget_on']):
+            budget_, Ps, keys, costs = _setup(pss, None, budget, mode, by, max_points,
+                                              seed, extra['bits'], extra['positions'],
+                                              extra['groups'], extra['budget_on'], alpha)
+            npoints, info = _allocate(pss, budget_, mode, Ps, keys, costs)
+            gain = _gain(pss, npoints)
+            if gain > best_gain:
+                best, best_gain = npoints, gain
+            for li, chs in _pending(pss, npoints, keys, Ps, info, costs, mode).items():
+                todo.setdefault(li, []).extend(chs)
+        if not todo:
+            # with several cost mixes, no pending point can change any of them: the
+            # best one is the best over all points
+            return best
         for li, chs in todo.items():
             ch = torch.cat(chs)
+            if len(chs) > 1:
+                ch = ch.unique()
             ps = pss[li]
             # one more point for each picked channel
             for k in sorted(set(ps.computed[ch].tolist())):
                 sub = ch[ps.computed[ch] == k]
-                extend_points(ps, weights[li], hforms[li], sub, k + 1)
+                extend_points(ps, weights[li], hforms[li], sub, k + 1,
+                              feedback=feedbacks[li])

@@ -16,6 +16,11 @@ grid. Step k works on the residual r = w - sum_{i<k} a_i q_i:
   previous one (only possible when r^T H q ~ 0), the point gets scale 0 (it is
   a no-op, and the allocation never picks a point with zero gain).
 
+With error feedback (``feedback``, see ``feedback.py``), errors are measured in the
+feedback's exact (or block-diagonal) H, and each point count k may use, instead of
+the first k greedy points, the same scales with all codes re-rounded together with
+feedback (``joint_feedback``), whichever has the lower error.
+
 Everything is vectorized over channels. Points can be computed lazily: compute
 ``n_points`` for all channels, then ``extend_points`` for the few channels that the
 allocation wants to give more.
@@ -27,13 +32,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .grid import (check_bits, check_max_points, check_positive_int, check_weight,
-                   qmax)
+from .grid import (check_bits, check_choice, check_max_points, check_positive_int,
+                   check_weight, qmax)
+from .feedback import Feedback
 from .stats import HForm, IdentityH
 
 DEFAULT_N_CANDIDATES = 16
 DEFAULT_N_REFINE = 8     # fine candidates around the best coarse ratio
 DEFAULT_LLOYD = 1        # re-rounding passes with the refitted scale
+FB_MODES = ('joint', 'first')
 # Smallest candidate ratio rho (scale relative to the min-max scale) per bit width.
 DEFAULT_MIN_RATIO = {2: 0.15, 3: 0.25}
 DEFAULT_MIN_RATIO_HIGH = 0.35
@@ -67,6 +74,14 @@ class PointSet:
     computed: Tensor    # (C,) int64
     bits: int
     search: dict = field(default_factory=dict)   # n_candidates / refit / ratios
+    # Joint error feedback: at level k, a channel may use instead of its first k
+    # greedy points the same k scales with all codes re-rounded with feedback
+    # (``alt[k]`` = (codes (C, k, d) int8, scales (C, k))) where that has the lower
+    # error; ``use_alt`` (C, P+1) says where, ``err`` holds the lower error and
+    # ``cerr`` the greedy chain's own (which later greedy points continue from).
+    cerr: Tensor | None = None
+    alt: dict = field(default_factory=dict)
+    use_alt: Tensor | None = None
 
     @property
     def max_points(self) -> int:
@@ -157,8 +172,17 @@ def select_points(ps: PointSet, npoints: Tensor) -> QuantizedWeight:
     if bool((npoints < 1).any()) or bool((npoints > ps.computed).any()):
         raise ValueError('npoints must be in 1..computed points for every channel')
     mask = torch.arange(ps.max_points)[None, :] < npoints[:, None]
-    return QuantizedWeight(ps.codes[mask].contiguous(), ps.scales[mask].contiguous(),
-                           npoints.clone(), ps.bits)
+    codes, scales = ps.codes[mask].contiguous(), ps.scales[mask].contiguous()
+    if ps.use_alt is not None:
+        alt = ps.use_alt.gather(1, npoints[:, None])[:, 0]
+        start = torch.cumsum(npoints, 0) - npoints
+        for k in npoints[alt].unique().tolist():
+            ch = torch.nonzero(alt & (npoints == k)).reshape(-1)
+            rows = (start[ch][:, None] + torch.arange(k)[None, :]).reshape(-1)
+            a_codes, a_scales = ps.alt[k]
+            codes[rows] = a_codes[ch].reshape(-1, ps.d)
+            scales[rows] = a_scales[ch].reshape(-1)
+    return QuantizedWeight(codes, scales, npoints.clone(), ps.bits)
 
 
 # ------------------------------------------------------------------------ search
@@ -178,9 +202,21 @@ def _check_layer(W: Tensor, H: HForm | None) -> HForm:
     return H
 
 
+def _check_feedback(W: Tensor, H: HForm, feedback: Feedback | None) -> HForm:
+    """The metric that errors are measured in: feedback's if given, else H."""
+    if feedback is None:
+        return H
+    if not isinstance(feedback, Feedback):
+        raise ValueError(f'feedback must be a Feedback, got {type(feedback).__name__}')
+    if feedback.d != W.shape[1] or feedback.groups != H.groups:
+        raise ValueError(f'feedback is for d={feedback.d}, groups={feedback.groups} but '
+                         f'W has shape {tuple(W.shape)} and H groups={H.groups}')
+    return feedback.metric
+
+
 def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = True,
                 err_prev: Tensor | None = None, gidx: Tensor | None = None,
-                n_refine: int = 0, lloyd: int = 0):
+                n_refine: int = 0, lloyd: int = 0, measure: HForm | None = None):
     """One greedy step for all rows of R (C, d).
 
     Candidates, in order (a later one replaces the best only if strictly better,
@@ -192,6 +228,9 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
        rounding scale, i.e. q = round(r / a*), then refit again.
     Each candidate's a is refitted by least squares when that lowers the error.
 
+    ``measure`` (default: H) is the metric of ``err_prev`` and of the returned error,
+    e.g. the exact H of error feedback while the search uses a cheaper form.
+
     Returns (scale (C,), codes (C, d) float, new residual, new error (C,)).
     """
     Q = qmax(bits)
@@ -200,7 +239,7 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
     HR = H.matvec(R, gidx)
     rHr = torch.linalg.vecdot(R, HR)
     if err_prev is None:
-        err_prev = rHr
+        err_prev = rHr if measure is None else measure.quad(R, gidx)
     best_err = torch.full((C,), float('inf'))
     best_a = torch.zeros(C)         # fitted scale (signed)
     best_r = torch.zeros(C)         # rounding scale that produced q
@@ -248,7 +287,7 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
     q = q * sign[:, None]
     scale = best_a.abs()
     R_new = R - scale[:, None] * q
-    err_new = H.quad(R_new, gidx)
+    err_new = (H if measure is None else measure).quad(R_new, gidx)
     bad = ~(err_new <= err_prev) | ~nz
     if bool(bad.any()):
         scale = torch.where(bad, torch.zeros_like(scale), scale)
@@ -258,12 +297,102 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
     return scale, q, R_new, err_new
 
 
+def feedback_step(R: Tensor, scale: Tensor, q: Tensor, R_new: Tensor, err: Tensor,
+                  fb: Feedback, bits: int, gidx: Tensor | None = None,
+                  refit: bool = True):
+    """Re-round a greedy point with error feedback, on the greedy point's scale.
+
+    ``R`` is the residual the point approximates and (scale, q, R_new, err) the
+    greedy step's result, err in ``fb.metric``. The codes are rounded column by
+    column with feedback (``Feedback.round``); the scale is then refitted by least
+    squares in ``fb.metric`` where that lowers the error. Each row keeps whichever
+    of the two points (greedy or feedback) has the lower error, so a step is never
+    worse than the greedy one. Returns (scale, q, R_new, err) like ``greedy_step``.
+    """
+    M = fb.metric
+    qf = fb.round(R, scale, bits, gidx)
+    a = scale
+    if refit:
+        Hq = M.matvec(qf, gidx)
+        b = torch.linalg.vecdot(R, Hq)
+        c = torch.linalg.vecdot(qf, Hq)
+        ok = (c > 0) & (b > 0)
+        a_ls = torch.where(ok, b / torch.where(ok, c, torch.ones_like(c)), a)
+        # e(a) - e(a_ls) = c (a - a_ls)^2 >= 0: the refit never raises the error
+        a = torch.where(ok, a_ls, a)
+    Rf = R - a[:, None] * qf
+    ef = M.quad(Rf, gidx)
+    use = (ef < err) & (scale > 0)
+    return (torch.where(use, a, scale), torch.where(use[:, None], qf, q),
+            torch.where(use[:, None], Rf, R_new), torch.where(use, ef, err))
+
+
+def joint_feedback(W: Tensor, scales: Tensor, fb: Feedback, bits: int,
+                   gidx: Tensor | None = None, refit: bool = True
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """k points per row of W (n, d) on the given steps ``scales`` (n, k), all codes
+    rounded together with error feedback (``Feedback.round``), then the k scales
+    refitted jointly by least squares in ``fb.metric`` where that lowers the error.
+
+    Returns (scales (n, k) >= 0, codes (n, k, d) float, error (n,) in fb.metric).
+    A negative refitted scale is stored as its absolute value with negated codes.
+    """
+    M = fb.metric
+    n, k = scales.shape
+    codes = fb.round(W, scales, bits, gidx)                       # (n, k, d)
+    if not refit:
+        return scales, codes, M.quad(W - torch.einsum('nk,nkd->nd', scales, codes), gidx)
+    d = codes.shape[2]
+    g_rep = None if gidx is None else gidx.repeat_interleave(k)
+    HQ = M.matvec(codes.reshape(n * k, d), g_rep).reshape(n, k, d)
+    Gm = torch.bmm(codes, HQ.transpose(1, 2)).double()            # (n, k, k)
+    rhs = torch.einsum('nkd,nd->nk', HQ, W).double()
+    L, info = torch.linalg.cholesky_ex(Gm)
+    ok = (info == 0) & torch.isfinite(rhs).all(-1)
+    eye = torch.eye(k, dtype=L.dtype)
+    a_ls = torch.cholesky_solve(rhs[..., None], torch.where(ok[:, None, None], L, eye))
+    a_ls = torch.where(ok[:, None], a_ls[..., 0], scales.double())
+    e_ls = M.quad(W - torch.einsum('nk,nkd->nd', a_ls.float(), codes), gidx)
+    # a_ls minimizes the error over the scales, so the error of the greedy scales is
+    # e(a_ls) + (a - a_ls)^T G (a - a_ls): no second pass over H
+    delta = scales.double() - a_ls
+    e_greedy = e_ls.double() + torch.einsum('nk,nkl,nl->n', delta, Gm, delta)
+    use = ok & (e_ls.double() <= e_greedy) & torch.isfinite(e_ls)
+    if not bool(use.all()):     # rows without a valid refit: their own error
+        bad = ~use
+        g = gidx
+        if g is None and M.groups > 1:
+            g = torch.arange(n) // (n // M.groups)
+        e_ls = e_ls.clone()
+        e_ls[bad] = M.quad(W[bad] - torch.einsum('nk,nkd->nd', scales[bad], codes[bad]),
+                           None if g is None else g[bad])
+    a = torch.where(use[:, None], a_ls.float(), scales)
+    sign = torch.where(a < 0, -1.0, 1.0)
+    return a.abs(), codes * sign[..., None], e_ls
+
+
+def _joint_level(ps: PointSet, W: Tensor, ch: Tensor, k: int, fb: Feedback,
+                 gidx: Tensor | None) -> None:
+    """Level k of joint feedback for channels ``ch`` (rows ``W``), in place."""
+    if k not in ps.alt:
+        ps.alt[k] = (torch.zeros(ps.channels, k, ps.d, dtype=torch.int8),
+                     torch.zeros(ps.channels, k))
+    a, q, e = joint_feedback(W, ps.scales[ch, :k], fb, ps.bits, gidx,
+                             ps.search.get('refit', True))
+    use = e < ps.cerr[ch, k]
+    ps.alt[k][0][ch] = q.to(torch.int8)
+    ps.alt[k][1][ch] = a
+    ps.use_alt[ch, k] = use
+    ps.err[ch, k] = torch.where(use, e, ps.cerr[ch, k])
+
+
 def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
                       max_points: int = 4, n_candidates: int = DEFAULT_N_CANDIDATES,
                       refit: bool = True, n_points: int | None = None,
                       min_ratio: float | None = None,
                       n_refine: int = DEFAULT_N_REFINE,
-                      lloyd: int = DEFAULT_LLOYD) -> PointSet:
+                      lloyd: int = DEFAULT_LLOYD, feedback: Feedback | None = None,
+                      fb_points: int = 1, fb_mode: str = 'joint') -> PointSet:
     """Greedy points for every channel of W (C, d) in the metric of H.
 
     ``H`` None means the weight-space metric (H = I). ``n_points`` (default
@@ -271,6 +400,14 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
     later with ``extend_points``. Search: ``n_candidates`` coarse ratios from 1 (the
     min-max scale) down to ``min_ratio``, ``n_refine`` fine ones around the best and
     ``lloyd`` re-rounding passes (see ``greedy_step``).
+
+    ``feedback``: error feedback, with every error in ``PointSet.err`` measured in
+    ``feedback.metric`` (the search still uses H). ``fb_mode`` 'joint': the greedy
+    points stay as they are, and for 1..``fb_points`` points a channel may instead
+    use the same scales with all codes re-rounded together with feedback
+    (``joint_feedback``), wherever that has the lower error. 'first': the first
+    ``fb_points`` greedy points themselves are re-rounded with feedback
+    (``feedback_step``) and the later greedy points approximate what they leave.
     """
     n_refine = check_positive_int(n_refine, 'n_refine', 0)
     lloyd = check_positive_int(lloyd, 'lloyd', 0)
@@ -279,6 +416,9 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
     n_points = P if n_points is None else check_positive_int(n_points, 'n_points')
     n_points = min(n_points, P)
     H = _check_layer(W, H)
+    fb_points = check_positive_int(fb_points, 'fb_points', 0)
+    M = _check_feedback(W, H, feedback)
+    check_choice(fb_mode, 'fb_mode', FB_MODES)
     W = W.detach().float().cpu()
     C, d = W.shape
     ratios = default_ratios(bits, n_candidates, min_ratio)
@@ -287,16 +427,28 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
                   werr=torch.full((C, P + 1), float('nan')),
                   computed=torch.zeros(C, dtype=torch.int64), bits=bits,
                   search=dict(ratios=ratios, refit=bool(refit), n_refine=n_refine,
-                              lloyd=lloyd))
-    ps.err[:, 0] = H.quad(W)
+                              lloyd=lloyd, fb_points=fb_points if feedback else 0,
+                              fb_mode=fb_mode))
+    ps.err[:, 0] = M.quad(W)
+    ps.cerr = ps.err.clone()
+    joint = feedback is not None and fb_mode == 'joint'
+    if joint:
+        ps.use_alt = torch.zeros(C, P + 1, dtype=torch.bool)
     ps.werr[:, 0] = torch.linalg.vecdot(W, W)
     R = W
     for k in range(n_points):
-        scale, q, R, e = greedy_step(R, H, bits, ratios, refit, ps.err[:, k],
-                                     n_refine=n_refine, lloyd=lloyd)
+        scale, q, Rn, e = greedy_step(R, H, bits, ratios, refit, ps.cerr[:, k],
+                                      n_refine=n_refine, lloyd=lloyd,
+                                      measure=None if feedback is None else M)
+        if feedback is not None and not joint and k < fb_points:
+            scale, q, Rn, e = feedback_step(R, scale, q, Rn, e, feedback, bits)
+        R = Rn
         ps.scales[:, k] = scale
         ps.codes[:, k] = q.to(torch.int8)
         ps.err[:, k + 1] = e
+        ps.cerr[:, k + 1] = e
+        if joint and k < fb_points:
+            _joint_level(ps, W, torch.arange(C), k + 1, feedback, None)
         ps.werr[:, k + 1] = torch.linalg.vecdot(R, R)
     ps.computed.fill_(n_points)
     return ps
@@ -313,10 +465,18 @@ def residual(ps: PointSet, W: Tensor, channels: Tensor | None = None) -> Tensor:
 
 
 def extend_points(ps: PointSet, W: Tensor, H: HForm | None, channels: Tensor,
-                  n_points: int | None = None) -> PointSet:
+                  n_points: int | None = None, feedback: Feedback | None = None
+                  ) -> PointSet:
     """Compute points up to ``n_points`` (default max_points) for ``channels``, in
-    place. Same search settings as the original ``greedy_multipoint`` call."""
+    place. Same search settings as the original ``greedy_multipoint`` call, which
+    must have had the same ``feedback``."""
     H = _check_layer(W, H)
+    M = _check_feedback(W, H, feedback)
+    fb_points = ps.search.get('fb_points', 0)
+    if bool(fb_points) != (feedback is not None):
+        raise ValueError('extend_points: pass the feedback the points were made with')
+    joint = feedback is not None and ps.search.get('fb_mode') == 'joint'
+    Wd = W.detach().float().cpu()
     target = ps.max_points if n_points is None else min(int(n_points), ps.max_points)
     channels = torch.as_tensor(channels, dtype=torch.int64).reshape(-1)
     channels = channels[ps.computed[channels] < target]
@@ -334,14 +494,21 @@ def extend_points(ps: PointSet, W: Tensor, H: HForm | None, channels: Tensor,
             continue
         ch = channels[sel]
         g = None if gidx_all is None else gidx_all[sel]
-        scale, q, Rn, e = greedy_step(R[sel], H, ps.bits, ratios, refit,
-                                      ps.err[ch, k], gidx=g,
+        Rs = R[sel]
+        scale, q, Rn, e = greedy_step(Rs, H, ps.bits, ratios, refit,
+                                      ps.cerr[ch, k], gidx=g,
                                       n_refine=ps.search.get('n_refine', 0),
-                                      lloyd=ps.search.get('lloyd', 0))
+                                      lloyd=ps.search.get('lloyd', 0),
+                                      measure=None if feedback is None else M)
+        if feedback is not None and not joint and k < fb_points:
+            scale, q, Rn, e = feedback_step(Rs, scale, q, Rn, e, feedback, ps.bits, g)
         R[sel] = Rn
         ps.scales[ch, k] = scale
         ps.codes[ch, k] = q.to(torch.int8)
         ps.err[ch, k + 1] = e
+        ps.cerr[ch, k + 1] = e
+        if joint and k < fb_points:
+            _joint_level(ps, Wd[ch], ch, k + 1, feedback, g)
         ps.werr[ch, k + 1] = torch.linalg.vecdot(Rn, Rn)
         ps.computed[ch] = k + 1
     return ps

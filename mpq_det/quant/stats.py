@@ -468,23 +468,57 @@ def identity_hform(d: int, groups: int = 1) -> HForm:
     return IdentityH(d, groups)
 
 
+# Error feedback keeps the exact H up to this d (every 3x3 conv with <= 512 input
+# channels); above it, a block-diagonal H along input channels (FEEDBACK_BLOCK
+# columns at most per block: whole input channels with all their taps).
+FEEDBACK_MAX_D = 4608
+FEEDBACK_BLOCK = 576
+
+
+def feedback_block_size(d: int, taps: int = 1, max_block: int | None = None) -> int:
+    """Block size for a block-diagonal H of a layer with d = channels * taps columns:
+    taps times the largest divisor of the channels that keeps it <= max_block
+    (default FEEDBACK_BLOCK)."""
+    taps = check_positive_int(taps, 'taps')
+    max_block = FEEDBACK_BLOCK if max_block is None else max_block
+    if d % taps:
+        raise ValueError(f'taps={taps} must divide d={d}')
+    ch = d // taps
+    best = 1
+    for c in range(1, ch + 1):
+        if ch % c == 0 and c * taps <= max_block:
+            best = c
+    return best * taps
+
+
 class InputStats:
     """Running accumulator of H = X^T X / N for one layer (per conv group).
 
     ``update(rows)`` takes (G, N, d) rows (see ``conv_patches`` / ``linear_rows``).
     Memory: G*d for 'diag', G*d*block_size for 'block', G*d*d for 'exact' and
     'lowrank' (factorised at ``finalize``), nothing for 'identity'.
+
+    ``feedback=True`` also keeps what error feedback needs (``finalize_feedback``):
+    the exact H when d <= FEEDBACK_MAX_D (shared with the 'exact' / dense 'lowrank'
+    accumulator), else a block-diagonal H whose blocks are whole input channels
+    (``taps`` = kernel positions per input channel, kh * kw for a conv).
     """
 
     def __init__(self, d: int, groups: int = 1, form: str = DEFAULT_FORM,
-                 generator=None, **form_opts):
+                 generator=None, feedback: bool = False, taps: int = 1, **form_opts):
         self.d = check_positive_int(d, 'd')
         self.groups = check_positive_int(groups, 'groups')
         self.form = check_choice(form, 'form', FORMS)
         self.opts = {**DEFAULT_FORM_OPTS.get(form, {}), **form_opts}
         self.generator = generator
         self.n = 0
+        self.row_sum = torch.zeros(self.groups, self.d, dtype=torch.float64)
+        self.feedback = bool(feedback)
+        self._fb = None
         G = self.groups
+        if self.feedback and form == 'lowrank' and d <= FEEDBACK_MAX_D:
+            # keep the dense accumulator that feedback needs anyway
+            self.opts['dense_max_d'] = max(int(self.opts.get('dense_max_d', 0)), d)
         if form == 'diag':
             self.acc = torch.zeros(G, d, dtype=torch.float64)
         elif form == 'block':
@@ -504,6 +538,17 @@ class InputStats:
             self.sketch = True
         else:
             self.acc = torch.zeros(G, d, d, dtype=torch.float32)
+        # feedback's own accumulator, where the form's is not the dense H
+        self.fb_acc = None
+        self.fb_block = None
+        if self.feedback and not (self.acc is not None and self.acc.dim() == 3
+                                  and self.acc.shape[-1] == d == self.acc.shape[-2]):
+            if d <= FEEDBACK_MAX_D:
+                self.fb_acc = torch.zeros(G, d, d, dtype=torch.float32)
+            else:
+                b = feedback_block_size(d, taps)
+                self.fb_block = b
+                self.fb_acc = torch.zeros(G, math.ceil(d / b), b, b, dtype=torch.float32)
 
     def update(self, rows: Tensor) -> None:
         if rows.dim() == 2:
@@ -514,6 +559,7 @@ class InputStats:
         check_weight(rows, 'rows', ndim=3)
         rows = rows.detach().float().cpu()
         self.n += rows.shape[1]
+        self.row_sum += rows.sum(1, dtype=torch.float64)
         if self.form == 'diag':
             self.acc += (rows.double() ** 2).sum(1)
         elif self.form == 'block':
@@ -526,6 +572,45 @@ class InputStats:
             self.diag += (rows.double() ** 2).sum(1)
         elif self.form != 'identity':
             self.acc += torch.bmm(rows.transpose(1, 2), rows)
+        if self.fb_acc is not None and self.fb_block is None:
+            self.fb_acc += torch.bmm(rows.transpose(1, 2), rows)
+        elif self.fb_acc is not None:
+            b, nb = self.fb_block, self.fb_acc.shape[1]
+            X = F.pad(rows, (0, nb * b - self.d)).reshape(self.groups, -1, nb, b)
+            X = X.permute(0, 2, 1, 3)                                 # G nb N b
+            self.fb_acc += torch.matmul(X.transpose(-1, -2), X)
+
+    def mean(self) -> Tensor:
+        """(G, d) mean input row (for bias correction: the mean output shift of a
+        weight error D is D @ mean)."""
+        if self.n == 0:
+            raise ValueError('InputStats.mean: no rows were accumulated')
+        return (self.row_sum / self.n).float()
+
+    def finalize_feedback(self, block: int | None = None, order: bool = True):
+        """The ``Feedback`` of this layer: exact (or block-diagonal) H with the same
+        ridge as ``finalize``; ``order``: see ``Feedback``. Needs ``feedback=True``."""
+        from .feedback import DEFAULT_BLOCK, Feedback
+        if not self.feedback:
+            raise ValueError('InputStats.finalize_feedback needs feedback=True')
+        if self.n == 0:
+            raise ValueError('InputStats.finalize_feedback: no rows were accumulated')
+        if self._fb is None or self._fb.order != order:
+            damp = float(self.opts.get('damp', DEFAULT_DAMP))
+            acc = self.acc if self.fb_acc is None else self.fb_acc
+            acc = (acc / self.n).float()
+            diag = torch.diagonal(acc, dim1=-2, dim2=-1)
+            if self.fb_block is None:
+                mean = diag.mean(-1)[:, None, None]
+                metric = ExactH(acc + damp * mean * torch.eye(self.d))
+            else:
+                # the padding columns of the last block get the ridge only
+                mean = diag[..., :].sum((-2, -1)) / self.d
+                metric = BlockH(acc + damp * mean[:, None, None, None] *
+                                torch.eye(self.fb_block), self.d)
+            self._fb = Feedback(metric, DEFAULT_BLOCK if block is None else block,
+                                order=order)
+        return self._fb
 
     def finalize(self) -> HForm:
         if self.form == 'identity':
