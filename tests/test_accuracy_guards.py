@@ -25,7 +25,9 @@ DETECTORS = ('retinanet_r18q', 'faster_rcnn_r18q')
 PINNED = dict(bits=4, method='multipoint', budget=0.05, allocation='global', max_points=4,
               components=None, skip=[], act_bits=None, layer_bits={}, h_form='lowrank',
               calib=dict(split='train', num_images=32, batch_size=4, seed=0),
-              export=None, report=True)
+              export=None, report=True, error_feedback=True, feedback_mode='joint',
+              feedback_points=4, feedback_order=True, budget_on='both',
+              bias_correction=False, rank_points_by='output')
 RUNS = {
     'fp': None,
     'mp_w4': dict(bits=4, budget=0.05),
@@ -35,24 +37,25 @@ RUNS = {
     'mp_w2_b0': dict(bits=2, budget=0.0),
     'rtn_w2': dict(method='rtn', bits=2, budget=0.0),
 }
-# Measured on this subset (VOC, COCO; x100), 2026-11-30, by this file with -s:
+# Measured on this subset (VOC, COCO; x100), 2026-11-30, by this file with -s, with the
+# defaults of the accuracy-levers merge (error feedback, memory and compute bounds):
 MEASURED = {
-    'retinanet_r18q': dict(fp=(50.44, 34.30), mp_w4=(50.90, 33.70), mp_w3=(47.09, 30.50),
-                           rtn_w3=(35.48, 19.90), mp_w2_b10=(43.13, 24.50),
-                           mp_w2_b0=(35.77, 18.60), rtn_w2=(0.11, 0.00)),
-    'faster_rcnn_r18q': dict(fp=(67.24, 51.90), mp_w4=(68.01, 51.70), mp_w3=(66.93, 50.90),
-                             rtn_w3=(60.56, 39.90), mp_w2_b10=(65.65, 46.60),
-                             mp_w2_b0=(53.63, 31.10), rtn_w2=(2.52, 0.40)),
+    'retinanet_r18q': dict(fp=(50.44, 34.30), mp_w4=(49.85, 34.40), mp_w3=(48.80, 32.50),
+                           rtn_w3=(35.48, 19.90), mp_w2_b10=(44.35, 27.60),
+                           mp_w2_b0=(40.22, 24.10), rtn_w2=(0.11, 0.00)),
+    'faster_rcnn_r18q': dict(fp=(67.24, 51.90), mp_w4=(67.09, 51.90), mp_w3=(67.51, 51.30),
+                             rtn_w3=(60.56, 39.90), mp_w2_b10=(64.89, 46.50),
+                             mp_w2_b0=(57.79, 38.00), rtn_w2=(2.52, 0.40)),
 }
-# W4 may lose at most 1.5 points (VOC, COCO): measured -0.5..0.6, so >= 0.9 of margin.
+# W4 may lose at most 1.5 points (VOC, COCO): measured -0.1..0.6, so >= 0.9 of margin.
 W4_MAX_LOSS = {'retinanet_r18q': (1.5, 1.5), 'faster_rcnn_r18q': (1.5, 1.5)}
 # The gains below must be at least about half of what was measured.
-# W3 multipoint over rtn: measured +11.6/+10.6 (RetinaNet), +6.4/+11.0 (Faster R-CNN).
+# W3 multipoint over rtn: measured +13.3/+12.6 (RetinaNet), +7.0/+11.4 (Faster R-CNN).
 W3_MIN_GAIN = {'retinanet_r18q': (5.0, 5.0), 'faster_rcnn_r18q': (3.0, 5.0)}
-# W2, COCO and VOC: budget 0.1 over budget 0 (measured +5.9/+7.4 and +15.5/+12.0), and
-# budget 0 over rtn (measured +18.6/+35.7 and +30.7/+51.1); (COCO, VOC) pairs.
-W2_MIN_GAIN = {'retinanet_r18q': dict(points=(2.5, 3.0), metric=(9.0, 15.0)),
-               'faster_rcnn_r18q': dict(points=(7.5, 6.0), metric=(15.0, 25.0))}
+# W2, (COCO, VOC) pairs: budget 0.1 over budget 0 (measured +3.5/+4.1 and +8.5/+7.1),
+# and budget 0 over rtn (measured +24.1/+40.1 and +37.6/+55.3).
+W2_MIN_GAIN = {'retinanet_r18q': dict(points=(1.75, 2.0), metric=(9.0, 15.0)),
+               'faster_rcnn_r18q': dict(points=(4.0, 3.5), metric=(15.0, 25.0))}
 BOTH = [dict(type='CocoMetric', metric='bbox', format_only=False),
         dict(type='NamedVOCMetric', metric='mAP', eval_mode='11points')]
 _cache: dict = {}
@@ -113,10 +116,13 @@ def test_runs_use_the_pinned_bits_and_budget(S, det):
         assert {r['bits'] for r in rep['layers']} == {over['bits']}, run
         assert not rep['skipped'], run            # every layer of every component
         mem = rep['summary']['memory_overhead']
+        mac = rep['summary']['compute_overhead']
         if over.get('method') == 'rtn' or over['budget'] == 0:
-            assert mem == 0, run
+            assert mem == mac == 0, run
         else:
-            assert 0.8 * over['budget'] < mem <= over['budget'], run
+            # budget_on='both': both overheads within the budget, the binding one spent
+            assert max(mem, mac) <= over['budget'] + 1e-9, run
+            assert max(mem, mac) > 0.8 * over['budget'], run
 
 
 @pytest.mark.parametrize('det', DETECTORS)

@@ -210,7 +210,8 @@ def test_rank_points_by(base_cfg, tmp_path):
         _, m, rep = run(base_cfg, tmp_path, by, bits=3, budget=0.05, rank_points_by=by)
         assert rep['summary']['settings']['rank_points_by'] == by
         npoints[by] = torch.cat([l.npoints for l in qlayers(m).values()])
-        mem[by] = rep['summary']['memory_overhead']
+        # the binding one of the two bounds (budget_on='both') is spent
+        mem[by] = max(rep['summary']['memory_overhead'], rep['summary']['compute_overhead'])
     assert all(0.04 < v <= 0.05 + 1e-9 for v in mem.values()), mem
     assert not torch.equal(npoints['output'], npoints['random'])
     assert not torch.equal(npoints['output'], npoints['weight'])

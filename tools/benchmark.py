@@ -38,6 +38,10 @@ BOTH_METRICS = [dict(type='CocoMetric', metric='bbox', format_only=False),
                 dict(type='NamedVOCMetric', metric='mAP', eval_mode='11points')]
 # hook kwargs that switch each accuracy lever off (the --ablation's last group)
 LEVERS = {
+    'error feedback': dict(error_feedback=False),
+    'act-order': dict(feedback_order=False),
+    'joint feedback': dict(feedback_mode='first'),
+    'compute bound': dict(budget_on='memory'),
     'global allocation': dict(allocation='layer'),
     'output-space scales': dict(h_form='identity'),
 }
