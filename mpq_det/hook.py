@@ -43,6 +43,18 @@ CALIB_DEFAULTS = dict(split='train', num_images=32, batch_size=4, seed=0)
 DEFAULT_ERROR_FEEDBACK = True
 
 
+def _choice(value: Any, name: str, allowed: tuple) -> Any:
+    if value not in allowed:
+        raise ValueError(f'{name}={value!r} is not allowed; choose one of {allowed}')
+    return value
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f'{name}={value!r} must be True or False')
+    return value
+
+
 def _check_keys(where: str, given: dict, allowed: tuple) -> None:
     bad = set(given) - set(allowed)
     if bad:
@@ -95,28 +107,16 @@ class MultipointQuantHook(Hook):
                 f'act_bits, calib, export, report, h_form, layer_bits, error_feedback, '
                 f'feedback_points, feedback_mode, feedback_order, budget_on, '
                 f'bias_correction, rank_points_by')
-        if not isinstance(error_feedback, bool):
-            raise ValueError(f'error_feedback={error_feedback!r} must be True or False')
-        self.error_feedback = error_feedback
+        self.error_feedback = _flag(error_feedback, 'error_feedback')
         if isinstance(feedback_points, bool) or not isinstance(feedback_points, int) \
                 or feedback_points < 1:
             raise ValueError(f'feedback_points={feedback_points!r} must be an int >= 1 '
                              '(points of each channel rounded with error feedback)')
         self.feedback_points = feedback_points
-        if feedback_mode not in FB_MODES:
-            raise ValueError(f'feedback_mode={feedback_mode!r} is not allowed; choose one '
-                             f'of {FB_MODES}')
-        self.feedback_mode = feedback_mode
-        if not isinstance(feedback_order, bool):
-            raise ValueError(f'feedback_order={feedback_order!r} must be True or False')
-        self.feedback_order = feedback_order
-        if not isinstance(bias_correction, bool):
-            raise ValueError(f'bias_correction={bias_correction!r} must be True or False')
-        self.bias_correction = bias_correction
-        if budget_on not in BUDGET_ON:
-            raise ValueError(f'budget_on={budget_on!r} is not allowed; choose one of '
-                             f'{BUDGET_ON}')
-        self.budget_on = budget_on
+        self.feedback_mode = _choice(feedback_mode, 'feedback_mode', FB_MODES)
+        self.feedback_order = _flag(feedback_order, 'feedback_order')
+        self.bias_correction = _flag(bias_correction, 'bias_correction')
+        self.budget_on = _choice(budget_on, 'budget_on', BUDGET_ON)
         self.base = QuantSettings(bits, method, budget, allocation, max_points)
         self.components = self._parse_components(components)
         if isinstance(skip, str) or not all(isinstance(g, str) for g in skip):
@@ -130,13 +130,8 @@ class MultipointQuantHook(Hook):
         self.layer_bits = {str(g): check_bits(b, f'layer_bits[{g!r}]')
                            for g, b in (layer_bits or {}).items()}
         self.calib = self._parse_calib(calib)
-        if h_form not in FORMS:
-            raise ValueError(f'h_form={h_form!r} is not allowed; choose one of {tuple(FORMS)}')
-        self.h_form = h_form
-        if rank_points_by not in BY:
-            raise ValueError(f'rank_points_by={rank_points_by!r} is not allowed; choose one of '
-                             f'{BY}')
-        self.rank_points_by = rank_points_by
+        self.h_form = _choice(h_form, 'h_form', tuple(FORMS))
+        self.rank_points_by = _choice(rank_points_by, 'rank_points_by', BY)
         if export is not None and not isinstance(export, str):
             raise ValueError(f'export={export!r} must be a file path or None')
         self.export = export

@@ -22,12 +22,18 @@ def tool_parser(description: str, checkpoint: bool) -> argparse.ArgumentParser:
     return p
 
 
+def config_with_options(path: str, cfg_options: dict | None) -> Config:
+    """The config at ``path`` with a tool's ``--cfg-options`` merged in."""
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
 def load_tool_cfg(args: argparse.Namespace) -> Config:
     """The config of a tool's arguments, with --cfg-options and the launcher applied."""
     set_local_rank(args.local_rank)
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = config_with_options(args.config, args.cfg_options)
     return prepare_cfg(cfg, args.launcher, args.work_dir, args.config)
 
 

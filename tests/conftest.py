@@ -72,5 +72,15 @@ def save_random_checkpoint(cfg, path: str, meta: dict | None = None, seed: int =
     return model
 
 
+def load_tool(name: str):
+    """tools/<name>.py as a module (tools/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f'mpq_tools_{name}',
+                                                  osp.join(ROOT, 'tools', f'{name}.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

@@ -3,7 +3,6 @@
 a graph attached to the detector gives PyTorch's predictions through mmdet's
 post-processing."""
 import copy
-import importlib.util
 import os.path as osp
 
 import onnx
@@ -16,21 +15,15 @@ from mpq_det.deploy.ort import attach_onnx, integer_kernel_counts
 from mpq_det.deploy.qdq import Int8Builder
 from mpq_det.deploy.tools import load_detector
 
-from conftest import ROOT, save_random_checkpoint, tiny_cfg
+from conftest import ROOT, load_tool, save_random_checkpoint, tiny_cfg
 
 CALIB = dict(num_images=4, batch_size=2)
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f'mpq_tools_{name}',
-                                                  osp.join(ROOT, 'tools', f'{name}.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-deploy_tool = _tool('deploy')
-export_tool = _tool('export')
+deploy_tool = load_tool('deploy')
+export_tool = load_tool('export')
 
 
 @pytest.fixture(scope='module')

@@ -27,21 +27,14 @@ from mpq_det.export import (QuantizedCheckpointError, RequiresMultipointQuantHoo
                             load_quantized_checkpoint, save_quantized_checkpoint)
 from mpq_det.modules import QConv2d, QLinear
 
-from conftest import ROOT, save_random_checkpoint, tiny_cfg
+from conftest import ROOT, load_tool, save_random_checkpoint, tiny_cfg
 
 
 
-def _tool(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f'mpq_tools_{name}',
-                                                  osp.join(ROOT, 'tools', f'{name}.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-convert_tool = _tool('convert')
-export_tool = _tool('export')
+convert_tool = load_tool('convert')
+export_tool = load_tool('export')
 
 DETECTORS = ['retinanet_r18q', 'faster_rcnn_r18q']
 CALIB = dict(num_images=4, batch_size=2)

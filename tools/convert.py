@@ -14,9 +14,10 @@ image; the max relative difference is printed, and the exit code is 1 above --to
 import argparse
 import sys
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
 import mpq_det  # noqa: F401
+from mpq_det.launch import config_with_options
 from mpq_det.deploy.convert import CONVERT_TOL, convert_export
 
 
@@ -38,9 +39,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = config_with_options(args.config, args.cfg_options)
     diffs = convert_export(cfg, args.checkpoint, to_float=args.to_float,
                            to_expanded=args.to_expanded, onnx=args.onnx,
                            num_images=args.num_images)

@@ -17,9 +17,10 @@ a deep net is large while its relative L2 stays small.
 import argparse
 import sys
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
 import mpq_det  # noqa: F401
+from mpq_det.launch import config_with_options
 from mpq_det.deploy.tools import deploy
 
 
@@ -48,9 +49,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = config_with_options(args.config, args.cfg_options)
     calib = None if args.calib_images is None else dict(num_images=args.calib_images)
     r = deploy(cfg, args.checkpoint, args.out, args.fp32, args.int8_outputs,
                args.check_images, calib)

@@ -7,9 +7,10 @@ Uses the MultipointQuantHook of CONFIG (one with default settings if CONFIG has 
 import argparse
 import sys
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
 import mpq_det  # noqa: F401  (registers the hook, metric and compat fixes)
+from mpq_det.launch import config_with_options
 from mpq_det.export import quantize_and_export
 
 
@@ -25,9 +26,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = config_with_options(args.config, args.cfg_options)
     if args.work_dir is None and cfg.get('work_dir') is None:
         import os.path as osp
         cfg.work_dir = osp.join('./work_dirs', 'export_' +
