@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--ablation', action='store_true')
     p.add_argument('--only-ablation', action='store_true')
     p.add_argument('--threads', type=int, default=1, help='torch intra-op threads')
+    p.add_argument('--report-only', action='store_true',
+                   help='run nothing: write results.md and the plots from DIR/results.json')
     a = p.parse_args(argv)
     if (a.config is None) != (a.checkpoint is None):
         p.error('give both CONFIG and CHECKPOINT, or neither')
@@ -97,6 +99,9 @@ def main(argv=None) -> int:
         cells += bm.ablation_cells(LEVERS)
     os.makedirs(a.out, exist_ok=True)
     rows = []
+    if a.report_only:
+        jobs = []
+        rows = list(bm.load_results(osp.join(a.out, 'results.json')).values())
     for name, cfg, ckpt in jobs:
         for k in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
             if cfg.get(k):
