@@ -197,7 +197,7 @@ def feedback_for(H, d, taps, groups):
     """The Feedback the model pass would build for a layer whose statistic is the
     random form H: dense (exact) H up to FEEDBACK_MAX_D, else block-diagonal by input
     channel. A low-rank H is densified as U S U^T + diag(r), with a 1% ridge."""
-    from mpq_det.quant import (FEEDBACK_MAX_D, BlockH, ExactH, Feedback,
+    from mpq_det.quant import (FEEDBACK_MAX_D, ExactH, Feedback,
                                feedback_block_size)
     eye = torch.eye(d)
     if isinstance(H, HForm) and H.kind == 'lowrank':

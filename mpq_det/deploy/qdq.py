@@ -618,12 +618,8 @@ class Int8Builder:
         if (k_max[chan] - k_row).max(initial=0) > MAX_SEGMENT_SHIFT:
             return self._sum_rows_slices(raw, y, lay, C, q)
         G = self.G
-        made = []
-
-        def node(*a, **kw):
-            nd = G.node(*a, **kw)
-            made.append(nd.name)
-            return nd.output[0]
+        made: list[str] = []
+        node = self._recording_node(made)
 
         def sl(t: str, a: int, b: int) -> str:
             return node('Slice', [t, G.init('i', np.array([a])), G.init('i', np.array([b])),
@@ -645,17 +641,22 @@ class Int8Builder:
         node('Add', [main, seg], [y])
         return made
 
+    def _recording_node(self, made: list[str]):
+        """``G.node`` that also records each new node's name in ``made`` and returns
+        its first output (the row-sum builders report the nodes they added)."""
+        def node(*a, **kw) -> str:
+            nd = self.G.node(*a, **kw)
+            made.append(nd.name)
+            return nd.output[0]
+        return node
+
     def _sum_rows_slices(self, raw: str, y: str, lay: dict, C: int,
                          q: tuple[str, float, str] | None = None) -> list[str]:
         """The float sum of ``_sum_rows``: main rows plus, per level, the slices of
         that level's rows, joined by a Concat."""
         G = self.G
-        made = []
-
-        def node(*a, **kw):
-            nd = G.node(*a, **kw)
-            made.append(nd.name)
-            return nd.output[0]
+        made: list[str] = []
+        node = self._recording_node(made)
         src = raw if q is None else node('QuantizeLinear', [raw, q[0], q[2]])
 
         def deq(t: str, k: int) -> str:

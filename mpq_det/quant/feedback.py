@@ -122,7 +122,7 @@ class Feedback:
         Steps of 0 give zero codes. ``gidx`` as in ``HForm`` (rows from any groups);
         otherwise row j is in group j // (C // G).
         """
-        Q = qmax(check_bits(bits))
+        check_bits(bits)  # a bad value fails here, before any work
         C, d = R.shape
         if d != self.d:
             raise ValueError(f'R has {d} columns but H is for d={self.d}')
