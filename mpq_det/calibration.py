@@ -55,13 +55,18 @@ def build_calib_loader(cfg: Config, split: str = 'train', num_images: int = 32,
 
 
 @torch.no_grad()
-def run_calibration(model: torch.nn.Module, loader: DataLoader, show_progress: bool = True
-                    ) -> None:
-    """Runs the detector's own inference path (``test_step``) on every batch."""
+def run_calibration(model: torch.nn.Module, loader: DataLoader, show_progress: bool = True,
+                    reference: torch.nn.Module | None = None) -> None:
+    """Runs the detector's own inference path (``test_step``) on every batch;
+    ``reference`` (sequential statistics): each batch runs through it first."""
     was_training = model.training
     model.eval()
+    if reference is not None:
+        reference.eval()
     bar = ProgressBar(len(loader.dataset)) if show_progress else None
     for batch in loader:
+        if reference is not None:
+            reference.test_step(batch)
         model.test_step(batch)
         if bar is not None:
             for _ in range(len(batch['inputs'])):

@@ -17,10 +17,10 @@ from mmengine.model import is_model_wrapper
 from mmengine.runner.loops import BaseLoop
 from mmdet.registry import HOOKS
 
-from .components import COMPONENTS, component_of
+from .components import COMPONENTS, component_of, runs_on_proposals, stage_of
 from .calibration import SPLITS, build_calib_loader, run_calibration
 from .model_pass import (QUANTIZABLE, QuantResult, QuantSettings, StatsCollector, plan_layers,
-                         quantize_model, summarize)
+                         quantize_model, quantize_model_sequential, summarize)
 from .qstate import apply_quantized_state, quantized_state
 from .quant import BUDGET_ON, DEFAULT_FORM, FORMS, check_bits
 from .quant.allocation import BY
@@ -41,6 +41,9 @@ SETTING_KEYS = ('bits', 'method', 'budget', 'allocation', 'max_points')
 CALIB_DEFAULTS = dict(split='train', num_images=32, batch_size=4, seed=0)
 # error feedback wins on the committed detectors (README, "Accuracy levers")
 DEFAULT_ERROR_FEEDBACK = True
+# sequential statistics: False, True (stages: the backbone's blocks, the neck, each
+# head) or 'components' (the backbone, the neck, each head: fewer passes)
+SEQUENTIAL = (False, True, 'components')
 
 
 def _choice(value: Any, name: str, allowed: tuple) -> Any:
@@ -78,8 +81,12 @@ class MultipointQuantHook(Hook):
     error; 'first': the first points themselves are re-rounded, later greedy points
     approximate what is left), ``feedback_order`` (columns by decreasing input
     energy, GPTQ's act-order), ``bias_correction`` (the mean output shift on the
-    calibration images folded into the bias of layers that have one) and ``budget_on`` ('memory', 'compute' or
-    'both': which overheads the extra points keep within ``budget``).
+    calibration images folded into the bias of layers that have one), ``budget_on`` ('memory', 'compute' or
+    'both': which overheads the extra points keep within ``budget``) and
+    ``sequential`` (calibrate stage by stage on the inputs that the quantized stages
+    before give, against the floating-point outputs; True: the backbone's blocks,
+    the neck and each head are stages, 'components': the backbone, the neck, each
+    head; see ``quantize_model_sequential``).
 
     It quantizes in ``before_test`` (and ``before_val`` of a standalone
     ``runner.val()``), i.e. after the checkpoint is loaded. Validation during training
@@ -99,14 +106,15 @@ class MultipointQuantHook(Hook):
                  error_feedback: bool = DEFAULT_ERROR_FEEDBACK, feedback_points: int = 4,
                  feedback_mode: str = 'joint', feedback_order: bool = True,
                  budget_on: str = 'both', bias_correction: bool = False,
-                 rank_points_by: str = 'output', **unknown: Any) -> None:
+                 rank_points_by: str = 'output', sequential: bool | str = False,
+                 **unknown: Any) -> None:
         if unknown:
             raise ValueError(
                 f'MultipointQuantHook got unknown argument(s) {sorted(unknown)}; allowed: '
                 f'bits, method, budget, allocation, max_points, components, skip, '
                 f'act_bits, calib, export, report, h_form, layer_bits, error_feedback, '
                 f'feedback_points, feedback_mode, feedback_order, budget_on, '
-                f'bias_correction, rank_points_by')
+                f'bias_correction, rank_points_by, sequential')
         self.error_feedback = _flag(error_feedback, 'error_feedback')
         if isinstance(feedback_points, bool) or not isinstance(feedback_points, int) \
                 or feedback_points < 1:
@@ -132,6 +140,10 @@ class MultipointQuantHook(Hook):
         self.calib = self._parse_calib(calib)
         self.h_form = _choice(h_form, 'h_form', tuple(FORMS))
         self.rank_points_by = _choice(rank_points_by, 'rank_points_by', BY)
+        if not (isinstance(sequential, bool) or sequential == 'components'):
+            raise ValueError(f'sequential={sequential!r} is not allowed; choose one of '
+                             f'{SEQUENTIAL}')
+        self.sequential = sequential
         if export is not None and not isinstance(export, str):
             raise ValueError(f'export={export!r} must be a file path or None')
         self.export = export
@@ -195,7 +207,7 @@ class MultipointQuantHook(Hook):
                     feedback_points=self.feedback_points,
                     feedback_mode=self.feedback_mode, feedback_order=self.feedback_order,
                     budget_on=self.budget_on, bias_correction=self.bias_correction,
-                    rank_points_by=self.rank_points_by)
+                    rank_points_by=self.rank_points_by, sequential=self.sequential)
 
     @staticmethod
     def _notes(plans) -> list[str]:
@@ -280,23 +292,32 @@ class MultipointQuantHook(Hook):
             for g in unmatched:
                 logger.warning(f'MultipointQuantHook: skip/layer_bits glob {g!r} matches no '
                                f'layer')
-            collector = StatsCollector(plans, form=self.h_form, seed=self.calib['seed'],
-                                       feedback=self.error_feedback)
-            try:
-                logger.info(f'MultipointQuantHook: calibrating {len(plans)} layers on '
-                            f'{len(loader.dataset)} {self.calib["split"]} images')
-                run_calibration(model, loader)
-            finally:
-                collector.remove()
-            result = quantize_model(model, plans, collector.stats, self.act_bits,
-                                    seed=self.calib['seed'],
-                                    error_feedback=self.error_feedback,
-                                    feedback_points=self.feedback_points,
-                                    feedback_mode=self.feedback_mode,
-                                    feedback_order=self.feedback_order,
-                                    budget_on=self.budget_on,
-                                    bias_correction=self.bias_correction,
-                                    rank_points_by=self.rank_points_by)
+            logger.info(f'MultipointQuantHook: calibrating {len(plans)} layers on '
+                        f'{len(loader.dataset)} {self.calib["split"]} images'
+                        + (' (sequential statistics)' if self.sequential else ''))
+            levers = dict(seed=self.calib['seed'], error_feedback=self.error_feedback,
+                          feedback_points=self.feedback_points,
+                          feedback_mode=self.feedback_mode,
+                          feedback_order=self.feedback_order, budget_on=self.budget_on,
+                          bias_correction=self.bias_correction,
+                          rank_points_by=self.rank_points_by)
+            if self.sequential:
+                split = self.sequential is True
+                result = quantize_model_sequential(
+                    model, plans,
+                    lambda m, ref: run_calibration(m, loader, reference=ref),
+                    lambda n: stage_of(n, split_backbone=split),
+                    dict(form=self.h_form, seed=self.calib['seed']), self.act_bits,
+                    unpaired=runs_on_proposals, **levers)
+            else:
+                collector = StatsCollector(plans, form=self.h_form, seed=self.calib['seed'],
+                                           feedback=self.error_feedback)
+                try:
+                    run_calibration(model, loader)
+                finally:
+                    collector.remove()
+                result = quantize_model(model, plans, collector.stats, self.act_bits,
+                                        **levers)
             result.skipped = skipped
             result.summary['notes'] = self._notes(plans)
             result.summary.update(summarize(result, model, plans))

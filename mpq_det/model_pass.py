@@ -7,6 +7,7 @@ how calibration batches are run) are passed in by the hook.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import time
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,7 @@ from .modules import QConv2d, QLinear
 from .qstate import swap_module
 from .quant import (BUDGET_ON, DEFAULT_FORM, InputStats, QuantizedWeight, check_bits,
                     check_budget, check_max_points, conv_patches, linear_rows,
-                    multipoint_quantize, mse_qw, ocs, rtn_qw)
+                    multipoint_quantize, mse_qw, ocs, quantize_points, rtn_qw)
 from .quant.grid import check_choice
 
 METHODS = ('multipoint', 'rtn', 'mse', 'ocs')
@@ -144,17 +145,26 @@ def plan_layers(model: nn.Module, component_of: Callable[[str], str | None],
 
 
 class StatsCollector:
-    """Forward pre-hooks that accumulate H, activation ranges and output sizes."""
+    """Forward hooks that accumulate H, activation ranges and output sizes."""
 
     def __init__(self, plans: list[LayerPlan], form: str = DEFAULT_FORM,
                  rows_per_batch: int = ROWS_PER_BATCH, seed: int = 0, damp: float = DAMP,
-                 feedback: bool = False, **form_opts):
+                 feedback: bool = False, reference: nn.Module | None = None, **form_opts):
         """``feedback``: also keep the exact (or block-diagonal) H that error feedback
-        needs, for the multipoint layers (see ``InputStats``)."""
+        needs, for the multipoint layers (see ``InputStats``).
+
+        ``reference``: a floating-point copy of the model (sequential statistics).
+        Every batch must then run through ``reference`` first and the model second:
+        the reference's layers record their input rows, and each layer of the model
+        takes the same positions of its own input, so that ``InputStats`` gets the
+        cross term of the pair (``InputStats(cross=True)``).
+        """
         self.rows = rows_per_batch
         self.gen = torch.Generator().manual_seed(seed)
         self.stats: dict[str, LayerStats] = {}
         self._handles = []
+        # per layer, (positions, rows) of the reference's calls not yet matched
+        self._pending: dict[str, list[tuple[Tensor, Tensor]]] = {}
         for p in plans:
             m = p.module
             groups = getattr(m, 'groups', 1)
@@ -165,9 +175,28 @@ class StatsCollector:
             if need_h and feedback:
                 # the feedback H gets the same ridge (diag keeps none for its search)
                 opts.update(feedback=True, taps=taps, damp=damp)
+            if reference is not None and need_h:
+                opts['cross'] = True
+                self._pending[p.name] = []
+                ref = reference.get_submodule(p.name)
+                self._handles.append(ref.register_forward_hook(self._ref_hook(p.name)))
             st = InputStats(d, groups, form=form if need_h else 'identity', **opts)
             self.stats[p.name] = LayerStats(st)
             self._handles.append(m.register_forward_hook(self._hook(p.name)))
+
+    def _rows(self, m: nn.Module, x: Tensor, index: Tensor | None = None
+              ) -> tuple[Tensor, Tensor]:
+        if isinstance(m, nn.Conv2d):
+            return conv_patches(x, m.kernel_size, m.stride, m.padding, m.dilation,
+                                m.groups, self.rows, self.gen, index=index,
+                                return_index=True)
+        return linear_rows(x, self.rows, self.gen, index=index, return_index=True)
+
+    def _ref_hook(self, name: str):
+        def fn(m: nn.Module, inputs, output) -> None:
+            rows, idx = self._rows(m, inputs[0].detach().float())
+            self._pending[name].append((idx, rows))
+        return fn
 
     def _hook(self, name: str):
         def fn(m: nn.Module, inputs, output) -> None:
@@ -176,18 +205,25 @@ class StatsCollector:
             ls.calls += 1
             ls.act_min = min(ls.act_min, float(x.min()))
             ls.act_max = max(ls.act_max, float(x.max()))
+            ref_rows = None
+            if name in self._pending:
+                if not self._pending[name]:
+                    raise RuntimeError(f'sequential statistics: layer {name!r} ran in the '
+                                       f'model without a matching call in the reference '
+                                       f'(run each batch through the reference first)')
+                idx, ref_rows = self._pending[name].pop(0)
+                rows, _ = self._rows(m, x, idx)
+            else:
+                rows, _ = self._rows(m, x)
             if isinstance(m, nn.Conv2d):
-                rows = conv_patches(x, m.kernel_size, m.stride, m.padding, m.dilation,
-                                    m.groups, self.rows, self.gen)
                 ls.conv = True
                 ls.out_positions += output.shape[-1] * output.shape[-2] * output.shape[0]
                 ls.images += output.shape[0]
             else:
-                rows = linear_rows(x, self.rows, self.gen)
                 ls.out_positions += x.reshape(-1, x.shape[-1]).shape[0]
                 ls.images += 1
             try:
-                ls.stats.update(rows)
+                ls.stats.update(rows, ref_rows)
             except ValueError as e:
                 raise ValueError(f'calibration input of layer {name!r}: {e}') from None
         return fn
@@ -196,6 +232,11 @@ class StatsCollector:
         for h in self._handles:
             h.remove()
         self._handles = []
+        left = [n for n, q in self._pending.items() if q]
+        self._pending = {n: [] for n in self._pending}
+        if left:
+            raise RuntimeError(f'sequential statistics: the reference ran layers the model '
+                               f'did not ({left[:3]} ...)')
 
     def num_images(self) -> int:
         """Calibration images seen: a conv that runs once per image sees each one once
@@ -254,11 +295,39 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
     """
     check_choice(budget_on, 'budget_on', BUDGET_ON)
     t0 = time.perf_counter()
-    res = QuantResult()
+    opts = _PassOptions(seed, error_feedback, feedback_points, budget_on, feedback_mode,
+                        feedback_order, rank_points_by)
     n_images = num_images(stats) if stats else 1
+    qws, errs = _quantize_layers(plans, stats, n_images, opts)
+    res = QuantResult()
+    for p in plans:
+        _apply(model, p, qws[p.name], stats, act_bits, bias_correction, errs.get(p.name),
+               n_images, res)
+    res.summary['quant_time_s'] = time.perf_counter() - t0
+    return res
+
+
+@dataclass
+class _PassOptions:
+    seed: int = 0
+    error_feedback: bool = False
+    feedback_points: int = 4
+    budget_on: str = 'both'
+    feedback_mode: str = 'joint'
+    feedback_order: bool = True
+    rank_points_by: str = 'output'
+
+
+def _quantize_layers(plans: list[LayerPlan], stats: dict[str, LayerStats] | None,
+                     n_images: int, o: _PassOptions,
+                     npoints: dict[str, Tensor] | None = None, sequential: bool = False
+                     ) -> tuple[dict, dict]:
+    """(name -> (QuantizedWeight, OCS input index), name -> relative errors) of
+    ``plans``, not yet applied. Multipoint layers are quantized together per budget
+    pool (global) or alone (layer); with ``npoints`` (name -> points per channel)
+    each keeps the given point counts instead. ``sequential``: the stats hold the
+    cross term, and each layer quantizes its ``target_weight``."""
     qws: dict[str, tuple[QuantizedWeight, Tensor | None]] = {}
-    errs: dict[str, tuple[float, float, float]] = {}
-    # multipoint layers are quantized together per budget pool (global) or alone (layer)
     groups: dict[tuple, list[LayerPlan]] = {}
     for p in plans:
         if p.settings.method == 'multipoint':
@@ -267,48 +336,160 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
             groups.setdefault(key, []).append(p)
         else:
             qws[p.name] = _quantize_one(p)
-    for key, members in groups.items():
+    errs: dict[str, tuple[float, float, float]] = {}
+    for members in groups.values():
         s = members[0].settings
-        Ws = [weight_2d(p.module) for p in members]
+        Ws = [stats[p.name].stats.target_weight(weight_2d(p.module)) if sequential
+              else weight_2d(p.module) for p in members]
         Hs = [stats[p.name].stats.finalize() for p in members]
-        fbs = [stats[p.name].stats.finalize_feedback(order=feedback_order)
-               for p in members] \
-            if error_feedback else None
-        pos = [positions_per_image(stats[p.name], n_images) for p in members]
-        out, pss = multipoint_quantize(Ws, Hs, [p.settings.bits for p in members], s.budget,
-                                       s.allocation, s.max_points, by=rank_points_by,
-                                       seed=seed, positions=pos, budget_on=budget_on,
-                                       feedbacks=fbs, fb_points=feedback_points,
-                                       fb_mode=feedback_mode)
+        fbs = [stats[p.name].stats.finalize_feedback(order=o.feedback_order)
+               for p in members] if o.error_feedback else [None] * len(members)
+        if npoints is None:
+            pos = [positions_per_image(stats[p.name], n_images) for p in members]
+            out, pss = multipoint_quantize(
+                Ws, Hs, [p.settings.bits for p in members], s.budget, s.allocation,
+                s.max_points, by=o.rank_points_by, seed=o.seed, positions=pos,
+                budget_on=o.budget_on, feedbacks=fbs, fb_points=o.feedback_points,
+                fb_mode=o.feedback_mode)
+        else:
+            with _threads(1):   # as multipoint_quantize: one thread is fastest here
+                out, pss = zip(*[quantize_points(
+                    W, H, p.settings.bits, npoints[p.name], s.max_points, fb,
+                    o.feedback_points, o.feedback_mode) for p, W, H, fb in
+                    zip(members, Ws, Hs, fbs)])
         for p, qw, ps in zip(members, out, pss):
             qws[p.name] = (qw, None)
             e0 = ps.err[:, 0].sum().clamp_min(1e-30)
             final = ps.err.gather(1, qw.npoints[:, None]).sum()
             errs[p.name] = (float(e0), float(ps.err[:, 1].sum() / e0), float(final / e0))
+    return qws, errs
+
+
+class _threads:
+    """torch intra-op threads set to ``n`` inside the block, restored after."""
+
+    def __init__(self, n: int):
+        self.n, self.old = n, None
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+def _apply(model: nn.Module, p: LayerPlan, qw_index: tuple[QuantizedWeight, Tensor | None],
+           stats: dict[str, LayerStats] | None, act_bits: int | None,
+           bias_correction: bool, err, n_images: int, res: QuantResult) -> None:
+    """Swaps layer ``p`` for its quantized module and adds its report row."""
+    qw, in_index = qw_index
+    m = p.module
+    cls = QConv2d if isinstance(m, nn.Conv2d) else QLinear
+    q = cls.from_float(m, qw, in_index=in_index)
+    ls = stats.get(p.name) if stats else None
+    if bias_correction and q.bias is not None and in_index is None and ls is not None \
+            and ls.stats.n:
+        q.bias.data += _mean_shift(m, qw, ls.stats).to(q.bias)
+    if act_bits is not None and ls is not None and ls.act_max >= ls.act_min:
+        q.set_act_range(ls.act_min, ls.act_max, act_bits=act_bits)
+    swap_module(model, p.name, q)
+    res.layers.append(_layer_row(p, qw, in_index, ls, err, n_images))
+
+
+def quantize_model_sequential(model: nn.Module, plans: list[LayerPlan],
+                              calibrate: Callable[[nn.Module, nn.Module | None], None],
+                              stage_of: Callable[[str], str],
+                              collector: dict | None = None, act_bits: int | None = None,
+                              seed: int = 0, error_feedback: bool = False,
+                              feedback_points: int = 4, budget_on: str = 'both',
+                              feedback_mode: str = 'joint', feedback_order: bool = True,
+                              bias_correction: bool = False, rank_points_by: str = 'output',
+                              unpaired: Callable[[str], bool] = lambda stage: False
+                              ) -> QuantResult:
+    """Sequential statistics: quantizes ``plans`` stage by stage in forward order,
+    each stage calibrated on the inputs that the already quantized stages give it,
+    with the floating-point model's outputs as the target (the cross term, see
+    ``InputStats.target_weight``).
+
+    1. One calibration pass on the floating-point model: the statistics of every
+       layer, and the allocation of extra points over all layers (one budget pool,
+       as ``quantize_model``); the first stage is quantized from these (its inputs
+       are the images).
+    2. For each later stage (``stage_of(layer name)``, in the order of ``plans``):
+       one pass in which every batch runs through a floating-point copy and then
+       through the partly quantized model; its layers are quantized again on those
+       statistics with the point counts of step 1, so both overheads stay as
+       allocated.
+
+    ``unpaired(stage)``: True for a stage whose inputs do not correspond row by
+    row between the two models (a two-stage detector's RoI head runs on the
+    proposals of each model's own RPN): it is quantized from the floating-point
+    statistics of step 1.
+
+    ``calibrate(model, reference)`` runs every calibration batch (through
+    ``reference`` first when it is given). ``collector``: keyword arguments of
+    ``StatsCollector`` (form, seed, damp, rows_per_batch). Other arguments: see
+    ``quantize_model``. ``quant_time_s`` in the summary excludes the calibration
+    forwards; ``calib_passes`` counts them.
+    """
+    check_choice(budget_on, 'budget_on', BUDGET_ON)
+    o = _PassOptions(seed, error_feedback, feedback_points, budget_on, feedback_mode,
+                     feedback_order, rank_points_by)
+    copts = dict(collector or {}, feedback=error_feedback)
+    stages: list[str] = []
     for p in plans:
-        qw, in_index = qws[p.name]
-        m = p.module
-        cls = QConv2d if isinstance(m, nn.Conv2d) else QLinear
-        q = cls.from_float(m, qw, in_index=in_index)
-        if bias_correction and q.bias is not None and in_index is None and stats \
-                and p.name in stats and stats[p.name].stats.n:
-            q.bias.data += _mean_shift(m, qw, stats[p.name].stats.mean()).to(q.bias)
-        ls = stats.get(p.name) if stats else None
-        if act_bits is not None and ls is not None and ls.act_max >= ls.act_min:
-            q.set_act_range(ls.act_min, ls.act_max, act_bits=act_bits)
-        swap_module(model, p.name, q)
-        res.layers.append(_layer_row(p, qw, in_index, ls, errs.get(p.name), n_images))
-    res.summary['quant_time_s'] = time.perf_counter() - t0
+        if stage_of(p.name) not in stages:
+            stages.append(stage_of(p.name))
+    reference = copy.deepcopy(model) if len(stages) > 1 else None
+    col = StatsCollector(plans, **copts)
+    try:
+        calibrate(model, None)
+    finally:
+        col.remove()
+    t0 = time.perf_counter()
+    n_images = num_images(col.stats)
+    qws, errs = _quantize_layers(plans, col.stats, n_images, o)
+    npoints = {name: qw.npoints for name, (qw, _) in qws.items()}
+    quant_time = time.perf_counter() - t0
+    res = QuantResult()
+    for i, st in enumerate(stages):
+        members = [p for p in plans if stage_of(p.name) == st]
+        stats = col.stats
+        if i and not unpaired(st):
+            c = StatsCollector(members, reference=reference, **copts)
+            try:
+                calibrate(model, reference)
+            finally:
+                c.remove()
+            stats = c.stats
+            t0 = time.perf_counter()
+            qws, errs = _quantize_layers(members, stats, n_images, o, npoints, True)
+            quant_time += time.perf_counter() - t0
+        for p in members:
+            _apply(model, p, qws[p.name], stats, act_bits, bias_correction,
+                   errs.get(p.name), n_images, res)
+    order = {p.name: i for i, p in enumerate(plans)}
+    res.layers.sort(key=lambda r: order[r['name']])
+    res.summary.update(quant_time_s=quant_time, stages=stages,
+                       sequential_stages=[st for st in stages[1:] if not unpaired(st)])
+    res.summary['calib_passes'] = 1 + len(res.summary['sequential_stages'])
     return res
 
 
-def _mean_shift(m: nn.Module, qw: QuantizedWeight, mean: Tensor) -> Tensor:
+def _mean_shift(m: nn.Module, qw: QuantizedWeight, st: InputStats) -> Tensor:
     """(C_out,) mean output change that quantization caused on the calibration
-    inputs: (W - W_q)_j . mean_g(j), mean (G, d) per conv group."""
-    D = weight_2d(m).cpu() - qw.dequantize()
-    G = mean.shape[0]
-    C = D.shape[0]
-    return torch.einsum('gcd,gd->gc', D.reshape(G, C // G, -1), mean).reshape(C)
+    inputs: W_j . mean_ref - (W_q)_j . mean per conv group, where mean_ref is the
+    reference (floating-point model's) mean input under sequential statistics and
+    the same mean otherwise, i.e. (W - W_q)_j . mean."""
+    mean = st.mean()
+    ref = st.mean(ref=True) if st.cross else mean
+    W, Wq = weight_2d(m).cpu(), qw.dequantize()
+    G, C = mean.shape[0], W.shape[0]
+
+    def out(A, x):
+        return torch.einsum('gcd,gd->gc', A.reshape(G, C // G, -1), x).reshape(C)
+    return out(W, ref) - out(Wq, mean)
 
 
 def _layer_row(p: LayerPlan, qw: QuantizedWeight, in_index: Tensor | None,

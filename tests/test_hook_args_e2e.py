@@ -215,3 +215,30 @@ def test_rank_points_by(base_cfg, tmp_path):
     assert all(0.04 < v <= 0.05 + 1e-9 for v in mem.values()), mem
     assert not torch.equal(npoints['output'], npoints['random'])
     assert not torch.equal(npoints['output'], npoints['weight'])
+
+
+def test_sequential(base_cfg, tmp_path):
+    """Sequential statistics: the allocation is made once on FP statistics (the
+    same point counts as without), the first stage is quantized from those, and
+    every later stage from its own pass on the partly quantized model."""
+    models, reps = {}, {}
+    for seq in (False, True):
+        _, models[seq], reps[seq] = run(base_cfg, tmp_path, f'seq_{seq}', bits=3,
+                                        budget=0.05, sequential=seq)
+    summ = reps[True]['summary']
+    assert summ['settings']['sequential'] is True
+    assert summ['stages'][0] == 'backbone.conv1' and summ['stages'][-2:] == ['neck',
+                                                                            'bbox_head']
+    assert summ['calib_passes'] == len(summ['stages'])
+    q = {k: qlayers(m) for k, m in models.items()}
+    for name, layer in q[False].items():
+        other = q[True][name]
+        assert torch.equal(layer.npoints, other.npoints), name
+        same = torch.equal(layer.quantized_weight().dequantize(),
+                           other.quantized_weight().dequantize())
+        # the first stage sees the images themselves: nothing to redo
+        assert same == name.startswith('backbone.conv1'), name
+    for k in ('memory_overhead', 'compute_overhead'):
+        assert summ[k] <= 0.05 + 1e-6
+    with pytest.raises(ValueError, match='sequential'):
+        run(base_cfg, tmp_path, 'seq_bad', sequential='blocks')

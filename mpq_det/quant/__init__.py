@@ -9,8 +9,8 @@ from .grid import (check_bits, check_budget, check_max_points, check_weight, qma
 from .multipoint import (DEFAULT_LLOYD, DEFAULT_N_CANDIDATES, DEFAULT_N_REFINE,
                          PointSet, QuantizedWeight,
                          default_ratios, extend_points, feedback_step, from_single,
-                         greedy_multipoint, greedy_step, joint_feedback, residual,
-                         select_points)
+                         greedy_multipoint, greedy_step, joint_feedback,
+                         quantize_points, residual, select_points)
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from .stats import (DEFAULT_FORM, DEFAULT_FORM_OPTS, FEEDBACK_MAX_D, FORMS, BlockH,
                     DiagH, ExactH, HForm, IdentityH, InputStats, LowRankH, conv_patches,
@@ -25,7 +25,8 @@ __all__ = [
     'ocs_fold', 'ocs_split', 'rtn', 'rtn_qw', 'check_bits', 'check_budget',
     'check_max_points', 'check_weight', 'qmax', 'round_to_grid',
     'DEFAULT_N_CANDIDATES', 'DEFAULT_N_REFINE', 'DEFAULT_LLOYD', 'PointSet', 'QuantizedWeight', 'default_ratios',
-    'extend_points', 'from_single', 'greedy_multipoint', 'greedy_step', 'residual',
+    'extend_points', 'from_single', 'greedy_multipoint', 'greedy_step', 'quantize_points',
+    'residual',
     'select_points', 'pack_codes', 'packed_nbytes', 'unpack_codes', 'DEFAULT_FORM',
     'DEFAULT_FORM_OPTS', 'FORMS', 'BlockH', 'DiagH', 'ExactH', 'HForm', 'IdentityH',
     'InputStats', 'LowRankH', 'conv_patches', 'hform_from_dense', 'identity_hform',

@@ -82,6 +82,9 @@ class PointSet:
     cerr: Tensor | None = None
     alt: dict = field(default_factory=dict)
     use_alt: Tensor | None = None
+    # W H (C, d) in the error metric, kept with joint feedback: the error of any
+    # refitted combination then costs O(k d) per row instead of a quadratic form
+    mw: Tensor | None = None
 
     @property
     def max_points(self) -> int:
@@ -328,14 +331,16 @@ def feedback_step(R: Tensor, scale: Tensor, q: Tensor, R_new: Tensor, err: Tenso
 
 
 def joint_feedback(W: Tensor, scales: Tensor, fb: Feedback, bits: int,
-                   gidx: Tensor | None = None, refit: bool = True
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   gidx: Tensor | None = None, refit: bool = True,
+                   MW: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """k points per row of W (n, d) on the given steps ``scales`` (n, k), all codes
     rounded together with error feedback (``Feedback.round``), then the k scales
     refitted jointly by least squares in ``fb.metric`` where that lowers the error.
 
     Returns (scales (n, k) >= 0, codes (n, k, d) float, error (n,) in fb.metric).
     A negative refitted scale is stored as its absolute value with negated codes.
+    ``MW``: ``fb.metric.matvec(W)`` if the caller has it; the refitted error is then
+    (W - a Q) . (MW - a HQ), with no further pass over H.
     """
     M = fb.metric
     n, k = scales.shape
@@ -352,7 +357,12 @@ def joint_feedback(W: Tensor, scales: Tensor, fb: Feedback, bits: int,
     eye = torch.eye(k, dtype=L.dtype)
     a_ls = torch.cholesky_solve(rhs[..., None], torch.where(ok[:, None, None], L, eye))
     a_ls = torch.where(ok[:, None], a_ls[..., 0], scales.double())
-    e_ls = M.quad(W - torch.einsum('nk,nkd->nd', a_ls.float(), codes), gidx)
+    if MW is None:
+        e_ls = M.quad(W - torch.einsum('nk,nkd->nd', a_ls.float(), codes), gidx)
+    else:
+        a32 = a_ls.float()
+        e_ls = torch.linalg.vecdot(W - torch.einsum('nk,nkd->nd', a32, codes),
+                                   MW - torch.einsum('nk,nkd->nd', a32, HQ))
     # a_ls minimizes the error over the scales, so the error of the greedy scales is
     # e(a_ls) + (a - a_ls)^T G (a - a_ls): no second pass over H
     delta = scales.double() - a_ls
@@ -378,7 +388,8 @@ def _joint_level(ps: PointSet, W: Tensor, ch: Tensor, k: int, fb: Feedback,
         ps.alt[k] = (torch.zeros(ps.channels, k, ps.d, dtype=torch.int8),
                      torch.zeros(ps.channels, k))
     a, q, e = joint_feedback(W, ps.scales[ch, :k], fb, ps.bits, gidx,
-                             ps.search.get('refit', True))
+                             ps.search.get('refit', True),
+                             None if ps.mw is None else ps.mw[ch])
     use = e < ps.cerr[ch, k]
     ps.alt[k][0][ch] = q.to(torch.int8)
     ps.alt[k][1][ch] = a
@@ -429,11 +440,14 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
                   search=dict(ratios=ratios, refit=bool(refit), n_refine=n_refine,
                               lloyd=lloyd, fb_points=fb_points if feedback else 0,
                               fb_mode=fb_mode))
-    ps.err[:, 0] = M.quad(W)
-    ps.cerr = ps.err.clone()
     joint = feedback is not None and fb_mode == 'joint'
     if joint:
         ps.use_alt = torch.zeros(C, P + 1, dtype=torch.bool)
+        ps.mw = M.matvec(W)
+        ps.err[:, 0] = torch.linalg.vecdot(W, ps.mw)
+    else:
+        ps.err[:, 0] = M.quad(W)
+    ps.cerr = ps.err.clone()
     ps.werr[:, 0] = torch.linalg.vecdot(W, W)
     R = W
     for k in range(n_points):
@@ -512,3 +526,29 @@ def extend_points(ps: PointSet, W: Tensor, H: HForm | None, channels: Tensor,
         ps.werr[ch, k + 1] = torch.linalg.vecdot(Rn, Rn)
         ps.computed[ch] = k + 1
     return ps
+
+
+def quantize_points(W: Tensor, H: HForm | None, bits: int, npoints: Tensor,
+                    max_points: int = 4, feedback: Feedback | None = None,
+                    fb_points: int = 4, fb_mode: str = 'joint',
+                    **search) -> tuple[QuantizedWeight, PointSet]:
+    """Channel j of W (C, d) quantized with exactly ``npoints[j]`` points.
+
+    The points are searched as in ``greedy_multipoint`` (same ``feedback``,
+    ``fb_points``, ``fb_mode`` and ``search`` keywords), but only as many as each
+    channel gets: for a point count decided elsewhere, e.g. sequential statistics,
+    where the allocation over all layers was made once on the floating-point
+    statistics and each layer is then quantized again on its own.
+    Returns (the quantized weight, its PointSet).
+    """
+    npoints = torch.as_tensor(npoints, dtype=torch.int64).reshape(-1).cpu()
+    if npoints.numel() != W.shape[0] or bool((npoints < 1).any()) \
+            or int(npoints.max()) > max_points:
+        raise ValueError(f'npoints must hold 1..max_points={max_points} for each of the '
+                         f'{W.shape[0]} channels')
+    ps = greedy_multipoint(W, H, bits, max_points, n_points=1, feedback=feedback,
+                           fb_points=fb_points, fb_mode=fb_mode, **search)
+    for k in range(1, int(npoints.max())):
+        extend_points(ps, W, H, torch.nonzero(npoints > k).reshape(-1), k + 1,
+                      feedback=feedback)
+    return select_points(ps, npoints), ps

@@ -69,13 +69,17 @@ def _subsample(total: int, max_rows: int, generator) -> Tensor | None:
 
 def conv_patches(x: Tensor, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, max_rows: int = 4096, generator=None,
-                 padding_mode: str = 'zeros') -> Tensor:
+                 padding_mode: str = 'zeros', index: Tensor | None = None,
+                 return_index: bool = False):
     """Input patches of a Conv2d: (B, C_in, H, W) -> (G, N, d).
 
     d = C_in / groups * kh * kw, ordered like ``weight.reshape(C_out, -1)`` within a
     group. Output positions are subsampled to at most ``max_rows`` rows with
     ``generator`` (seed 0 when None), so the result is deterministic. Only the
     chosen positions are gathered: memory is N * C_in * kh * kw.
+
+    ``index``: the flat output positions to gather instead (e.g. the same positions
+    of another model's input); ``return_index``: also return the positions used.
     """
     if not isinstance(x, Tensor) or x.dim() != 4:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -106,9 +110,12 @@ def conv_patches(x: Tensor, kernel_size, stride=1, padding=0, dilation=1,
     if Ho <= 0 or Wo <= 0:
         raise ValueError(f'input of spatial size {(Hh, Ww)} is too small for the kernel')
     total = B * Ho * Wo
-    idx = _subsample(total, max_rows, generator)
+    idx = _subsample(total, max_rows, generator) if index is None else index
     if idx is None:
         idx = torch.arange(total)
+    if int(idx.max()) >= total:
+        raise ValueError(f'index reaches {int(idx.max())} but the input has {total} '
+                         f'output positions')
     idx = idx.to(x.device)
     b = idx // (Ho * Wo)
     oy = (idx // Wo) % Ho
@@ -122,18 +129,27 @@ def conv_patches(x: Tensor, kernel_size, stride=1, padding=0, dilation=1,
     rows = torch.stack(cols, dim=-1)              # (N, C, kh*kw)
     N = rows.shape[0]
     rows = rows.reshape(N, groups, (C // groups) * kh * kw)
-    return rows.permute(1, 0, 2).contiguous()
+    rows = rows.permute(1, 0, 2).contiguous()
+    return (rows, idx) if return_index else rows
 
 
-def linear_rows(x: Tensor, max_rows: int = 4096, generator=None) -> Tensor:
-    """Input rows of a Linear: (..., d) -> (1, N, d), subsampled to <= max_rows."""
+def linear_rows(x: Tensor, max_rows: int = 4096, generator=None,
+                index: Tensor | None = None, return_index: bool = False):
+    """Input rows of a Linear: (..., d) -> (1, N, d), subsampled to <= max_rows.
+    ``index`` / ``return_index``: as in ``conv_patches``."""
     if not isinstance(x, Tensor) or x.dim() < 1 or x.numel() == 0:
         raise ValueError('x must be a non-empty (..., d) tensor')
     x = x.reshape(-1, x.shape[-1])
-    idx = _subsample(x.shape[0], max_rows, generator)
+    idx = _subsample(x.shape[0], max_rows, generator) if index is None else index
     if idx is not None:
+        if int(idx.max()) >= x.shape[0]:
+            raise ValueError(f'index reaches {int(idx.max())} but the input has '
+                             f'{x.shape[0]} rows')
         x = x[idx.to(x.device)]
-    return x[None].contiguous()
+    else:
+        idx = torch.arange(x.shape[0])
+    rows = x[None].contiguous()
+    return (rows, idx) if return_index else rows
 
 
 # --------------------------------------------------------------------------- forms
@@ -502,10 +518,17 @@ class InputStats:
     the exact H when d <= FEEDBACK_MAX_D (shared with the 'exact' / dense 'lowrank'
     accumulator), else a block-diagonal H whose blocks are whole input channels
     (``taps`` = kernel positions per input channel, kh * kw for a conv).
+
+    ``cross=True`` (sequential statistics): ``update(rows, ref_rows)`` takes each
+    row twice, as the layer sees it in the model being quantized (``rows``: H is
+    theirs) and as the floating-point model's layer sees it (``ref_rows``, the same
+    positions). It keeps the cross term A = X^T X_ref / N (d <= FEEDBACK_MAX_D), from
+    which ``target_weight`` gives the weight to quantize.
     """
 
     def __init__(self, d: int, groups: int = 1, form: str = DEFAULT_FORM,
-                 generator=None, feedback: bool = False, taps: int = 1, **form_opts):
+                 generator=None, feedback: bool = False, taps: int = 1,
+                 cross: bool = False, **form_opts):
         self.d = check_positive_int(d, 'd')
         self.groups = check_positive_int(groups, 'groups')
         self.form = check_choice(form, 'form', FORMS)
@@ -514,9 +537,12 @@ class InputStats:
         self.n = 0
         self.row_sum = torch.zeros(self.groups, self.d, dtype=torch.float64)
         self.feedback = bool(feedback)
+        self.cross = bool(cross)
         self._fb = None
         G = self.groups
-        if self.feedback and form == 'lowrank' and d <= FEEDBACK_MAX_D:
+        # feedback and the cross term both need the dense H where d is moderate
+        dense = (self.feedback or self.cross) and d <= FEEDBACK_MAX_D
+        if dense and form == 'lowrank':
             # keep the dense accumulator that feedback needs anyway
             self.opts['dense_max_d'] = max(int(self.opts.get('dense_max_d', 0)), d)
         if form == 'diag':
@@ -541,8 +567,7 @@ class InputStats:
         # feedback's own accumulator, where the form's is not the dense H
         self.fb_acc = None
         self.fb_block = None
-        if self.feedback and not (self.acc is not None and self.acc.dim() == 3
-                                  and self.acc.shape[-1] == d == self.acc.shape[-2]):
+        if (self.feedback or dense) and not self._acc_is_dense():
             if d <= FEEDBACK_MAX_D:
                 self.fb_acc = torch.zeros(G, d, d, dtype=torch.float32)
             else:
@@ -550,14 +575,38 @@ class InputStats:
                 self.fb_block = b
                 self.fb_acc = torch.zeros(G, math.ceil(d / b), b, b, dtype=torch.float32)
 
-    def update(self, rows: Tensor) -> None:
+        self.cross_acc = None
+        self.ref_row_sum = None
+        if self.cross:
+            self.ref_row_sum = torch.zeros(G, d, dtype=torch.float64)
+            if d <= FEEDBACK_MAX_D:
+                self.cross_acc = torch.zeros(G, d, d, dtype=torch.float32)
+
+    def _acc_is_dense(self) -> bool:
+        return self.acc is not None and self.acc.dim() == 3 and \
+            self.acc.shape[-1] == self.d == self.acc.shape[-2]
+
+    def _check_rows(self, rows: Tensor, name: str) -> Tensor:
         if rows.dim() == 2:
             rows = rows[None]
         if rows.dim() != 3 or rows.shape[0] != self.groups or rows.shape[2] != self.d:
-            raise ValueError(f'rows must be ({self.groups}, N, {self.d}), '
+            raise ValueError(f'{name} must be ({self.groups}, N, {self.d}), '
                              f'got {tuple(rows.shape)}')
-        check_weight(rows, 'rows', ndim=3)
-        rows = rows.detach().float().cpu()
+        check_weight(rows, name, ndim=3)
+        return rows.detach().float().cpu()
+
+    def update(self, rows: Tensor, ref_rows: Tensor | None = None) -> None:
+        rows = self._check_rows(rows, 'rows')
+        if self.cross != (ref_rows is not None):
+            raise ValueError('InputStats.update: pass ref_rows exactly when cross=True')
+        if self.cross:
+            ref_rows = self._check_rows(ref_rows, 'ref_rows')
+            if ref_rows.shape != rows.shape:
+                raise ValueError(f'ref_rows {tuple(ref_rows.shape)} must have the shape of '
+                                 f'rows {tuple(rows.shape)} (the same positions)')
+            self.ref_row_sum += ref_rows.sum(1, dtype=torch.float64)
+            if self.cross_acc is not None:
+                self.cross_acc += torch.bmm(rows.transpose(1, 2), ref_rows)
         self.n += rows.shape[1]
         self.row_sum += rows.sum(1, dtype=torch.float64)
         if self.form == 'diag':
@@ -580,12 +629,49 @@ class InputStats:
             X = X.permute(0, 2, 1, 3)                                 # G nb N b
             self.fb_acc += torch.matmul(X.transpose(-1, -2), X)
 
-    def mean(self) -> Tensor:
+    def mean(self, ref: bool = False) -> Tensor:
         """(G, d) mean input row (for bias correction: the mean output shift of a
-        weight error D is D @ mean)."""
+        weight error D is D @ mean); ``ref``: of the reference rows (cross=True)."""
         if self.n == 0:
             raise ValueError('InputStats.mean: no rows were accumulated')
-        return (self.row_sum / self.n).float()
+        if ref and not self.cross:
+            raise ValueError('InputStats.mean(ref=True) needs cross=True')
+        return ((self.ref_row_sum if ref else self.row_sum) / self.n).float()
+
+    def target_weight(self, W: Tensor) -> Tensor:
+        """The float weight to quantize on these inputs: W* (C, d) minimising
+        ||W X_ref^T - W* X^T||^2 + lam ||W* - W||^2 row by row, i.e. per group
+        W*^T = (H + lam I)^-1 (A + lam I) W^T with A = X^T X_ref / N and lam the
+        ridge of ``finalize`` (damp * mean diag H). Quantizing W* in the metric H
+        then minimises the error against the reference outputs W X_ref^T: the
+        cross term of sequential calibration. With X = X_ref it returns W.
+
+        Needs ``cross=True``. Where d > FEEDBACK_MAX_D no cross term is kept
+        (its d x d matrix would be too large): W itself is returned.
+        """
+        if not self.cross:
+            raise ValueError('InputStats.target_weight needs cross=True')
+        if self.n == 0:
+            raise ValueError('InputStats.target_weight: no rows were accumulated')
+        check_weight(W, 'W')
+        if W.shape[1] != self.d or W.shape[0] % self.groups:
+            raise ValueError(f'W {tuple(W.shape)} does not fit d={self.d}, '
+                             f'groups={self.groups}')
+        if self.cross_acc is None:
+            return W.detach().float().clone()
+        G, d = self.groups, self.d
+        H = ((self.acc if self._acc_is_dense() else self.fb_acc) / self.n).double()
+        A = (self.cross_acc / self.n).double()
+        damp = float(self.opts.get('damp', DEFAULT_DAMP))
+        lam = damp * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)[:, None, None]
+        eye = torch.eye(d, dtype=H.dtype)
+        Wg = W.detach().double().cpu().reshape(G, -1, d)            # (G, Cg, d)
+        rhs = torch.bmm(A + lam * eye, Wg.transpose(1, 2))           # (G, d, Cg)
+        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        out = torch.cholesky_solve(rhs, L).transpose(1, 2)
+        # a group whose H is not positive definite (no ridge, dead inputs) keeps W
+        ok = (info == 0)[:, None, None] & torch.isfinite(out).all((1, 2), keepdim=True)
+        return torch.where(ok, out, Wg).reshape(W.shape).float()
 
     def finalize_feedback(self, block: int | None = None, order: bool = True):
         """The ``Feedback`` of this layer: exact (or block-diagonal) H with the same
