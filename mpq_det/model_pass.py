@@ -449,13 +449,13 @@ def quantize_model_sequential(model: nn.Module, plans: list[LayerPlan],
         col.remove()
     t0 = time.perf_counter()
     n_images = num_images(col.stats)
-    qws, errs = _quantize_layers(plans, col.stats, n_images, o)
-    npoints = {name: qw.npoints for name, (qw, _) in qws.items()}
+    qws0, errs0 = _quantize_layers(plans, col.stats, n_images, o)
+    npoints = {name: qw.npoints for name, (qw, _) in qws0.items()}
     quant_time = time.perf_counter() - t0
     res = QuantResult()
     for i, st in enumerate(stages):
         members = [p for p in plans if stage_of(p.name) == st]
-        stats = col.stats
+        stats, qws, errs = col.stats, qws0, errs0
         if i and not unpaired(st):
             c = StatsCollector(members, reference=reference, **copts)
             try:

@@ -163,3 +163,28 @@ def test_stages_of_an_mmdet_detector():
         'roi_head']
     assert [stage_of(n, split_backbone=False) for n in names][:3] == ['backbone'] * 3
     assert [runs_on_proposals(stage_of(n)) for n in names] == [False] * 5 + [True]
+
+
+def test_unpaired_stages_keep_the_floating_point_statistics():
+    """A stage whose rows do not pair up (a RoI head) is quantized from step 1's
+    statistics: with every stage unpaired, the result is the plain pass's."""
+    import copy
+    base = _Chain().eval()
+    batches = [torch.randn(2, 3, 12, 12, generator=gen(30 + i)) for i in range(2)]
+    s = QuantSettings(bits=2, budget=0.2)
+    w = {}
+    for seq in (False, True):
+        model = copy.deepcopy(base)
+        plans, _, _ = plan_layers(model, lambda n: 'backbone', {'backbone': s})
+        if seq:
+            r = quantize_model_sequential(model, plans, _calibrate(batches),
+                                          lambda n: n.split('.')[0], error_feedback=True,
+                                          unpaired=lambda st: True)
+            assert r.summary['calib_passes'] == 1
+        else:
+            col = StatsCollector(plans, feedback=True)
+            _calibrate(batches)(model)
+            col.remove()
+            quantize_model(model, plans, col.stats, error_feedback=True)
+        w[seq] = [m.weight.detach() for m in model.modules() if hasattr(m, 'npoints')]
+    assert all(torch.equal(a, b) for a, b in zip(w[False], w[True]))
