@@ -8,10 +8,14 @@ Two equivalent forwards (``mode``):
 
 * ``'dequant'`` (default): the dequantized float weight (cached lazily, per dtype
   and device) in one ordinary conv / linear.
-* ``'expanded'`` (common operands): ONE ordinary conv / linear with sum_j n_j output
-  channels whose weights are the integer codes (as floats), then a per-row scale
-  and a fixed segment sum of each channel's rows. Grouped and depthwise convs pad
-  every group to the same number of rows with zero rows.
+* ``'expanded'`` (common operands): ordinary convs / linears whose weights are the
+  integer codes (as floats), then a per-row scale and a fixed segment sum of each
+  channel's rows. Dense layers: ONE conv / linear with sum_j n_j output channels.
+  Grouped and depthwise convs: one grouped conv per point level (``quant.levels``):
+  the layer's own conv for the first points, then for each level k >= 1 a grouped
+  conv over only the groups that have (k+1)-th points (their input channels
+  gathered), padded with zero rows within those groups only; a depthwise conv so
+  runs exactly sum_j n_j rows.
 
 Activation quantization (``act_bits``): before the layer, x is fake-quantized per
 tensor. Symmetric: step = max(|min|, |max|) / (2**(b-1) - 1), codes in
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .quant.grid import act_qparams, check_bits
+from .quant.levels import point_levels
 from .quant.multipoint import QuantizedWeight
 
 MODES = ('dequant', 'expanded')
@@ -219,6 +224,10 @@ class QConv2d(_QuantBase):
         return self._cached(('w', dtype, device), build)
 
     def _expanded(self, dtype, device):
+        """(integer weight, row scales, row channels) of ONE conv with every group
+        padded to the largest group's rows (padding rows: channel C_out). The
+        forward uses it for dense convs only (``_levels`` for grouped ones);
+        ``deploy.convert``'s common-operands module uses it for all."""
         def build():
             G = self.groups
             C = self.out_channels
@@ -243,20 +252,66 @@ class QConv2d(_QuantBase):
                     scale.to(device=device, dtype=dtype), chan.to(device))
         return self._cached(('e', dtype, device), build)
 
-    def _conv(self, x, w):
+    def _levels(self, dtype, device) -> list[tuple[Tensor | None, int, Tensor, Tensor,
+                                                     Tensor]]:
+        """Per point level of a grouped conv (``quant.levels.point_levels``): (input
+        channels to gather, None for all; groups; integer weight; row scales; row
+        channels, C_out for padding rows)."""
+        def build():
+            C, G = self.out_channels, self.groups
+            cin = self.weight_in_channels // G
+            dev, qd = self.codes.device, self.codes.shape[1]
+            # one zero row appended: padding rows (-1) take it, with scale 0
+            codes = torch.cat([self.codes.float(), self.codes.new_zeros(1, qd).float()])
+            scales = torch.cat([self.scales, self.scales.new_zeros(1)])
+            zero = codes.shape[0] - 1
+            chans = torch.cat([torch.repeat_interleave(torch.arange(C, device=dev),
+                                                       self.npoints),
+                               torch.tensor([C], device=dev)])
+            out = []
+            for act, rows in point_levels(self.npoints, G):
+                rows = torch.where(rows >= 0, rows, zero)
+                idx = None if act.numel() == G else \
+                    (act[:, None] * cin + torch.arange(cin, device=dev)).reshape(-1)
+                w = codes[rows].reshape(rows.numel(), cin, *self.kernel_size)
+                out.append((None if idx is None else idx.to(device), act.numel(),
+                            w.to(device=device, dtype=dtype),
+                            scales[rows].to(device=device, dtype=dtype),
+                            chans[rows].to(device)))
+            return out
+        return self._cached(('l', dtype, device), build)
+
+    def _pad(self, x: Tensor) -> tuple[Tensor, tuple | str | int]:
+        """x padded for a non-'zeros' padding_mode, and the padding the convs use."""
         if self.padding_mode != 'zeros':
-            x = F.pad(x, self._rev_pad, mode=self.padding_mode)
-            return F.conv2d(x, w, None, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation,
-                        self.groups)
+            return F.pad(x, self._rev_pad, mode=self.padding_mode), 0
+        return x, self.padding
+
+    def _conv(self, x: Tensor, w: Tensor, groups: int) -> Tensor:
+        x, padding = self._pad(x)
+        return F.conv2d(x, w, None, self.stride, padding, self.dilation, groups)
+
+    def _forward_levels(self, x: Tensor) -> Tensor:
+        x, padding = self._pad(x)      # once: the levels gather from the padded input
+        y = None
+        for idx, groups, wint, scale, chan in self._levels(x.dtype, x.device):
+            xi = x if idx is None else x.index_select(1, idx)
+            yr = F.conv2d(xi, wint, None, self.stride, padding, self.dilation, groups)
+            yr = yr * scale[None, :, None, None]
+            if y is None:
+                y = yr.new_zeros(yr.shape[0], self.out_channels + 1, *yr.shape[2:])
+            y.index_add_(1, chan, yr)
+        return y[:, :self.out_channels]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._act_quant(self._gather_inputs(x, 1))
         if self._mode == 'dequant':
-            y = self._conv(x, self._weight(x.dtype, x.device))
+            y = self._conv(x, self._weight(x.dtype, x.device), self.groups)
+        elif self.groups > 1:
+            y = self._forward_levels(x)
         else:
             wint, scale, chan = self._expanded(x.dtype, x.device)
-            yr = self._conv(x, wint) * scale[None, :, None, None]
+            yr = self._conv(x, wint, 1) * scale[None, :, None, None]
             y = yr.new_zeros(yr.shape[0], self.out_channels + 1, *yr.shape[2:])
             y = y.index_add_(1, chan, yr)[:, :self.out_channels]
         if self.bias is not None:

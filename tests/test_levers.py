@@ -330,6 +330,14 @@ class _TinyDet(torch.nn.Module):
         return self.fc(p1.mean((2, 3)) + p2.mean((2, 3)))
 
 
+def run_rows(q):
+    """Output rows of the convs that a QConv2d's expanded forward runs."""
+    cpu = torch.device('cpu')
+    if q.groups == 1:
+        return q._expanded(torch.float32, cpu)[0].shape[0]
+    return sum(w.shape[0] for _, _, w, _, _ in q._levels(torch.float32, cpu))
+
+
 @pytest.mark.parametrize('budget_on', ['memory', 'compute', 'both'])
 def test_model_pass_reports_real_compute(budget_on):
     from mpq_det.model_pass import (QuantSettings, StatsCollector, plan_layers,
@@ -355,12 +363,14 @@ def test_model_pass_reports_real_compute(budget_on):
     assert rows['fc']['macs_per_image'] == 8 * 16      # one row per image
     for name in ('stem', 'dw', 'head'):
         q = getattr(model, name)
-        wint = q._expanded(torch.float32, torch.device('cpu'))[0]
         C = q.out_channels
         # what the expanded forward really runs, padded rows of grouped convs included
-        assert rows[name]['compute_overhead'] == pytest.approx((wint.shape[0] - C) / C)
+        assert rows[name]['compute_overhead'] == pytest.approx((run_rows(q) - C) / C)
         assert rows[name]['mem_overhead'] == pytest.approx(
             (int(q.npoints.sum()) - C) / C)
+    # depthwise: E extra points run E rows, as in a dense layer
+    assert rows['dw']['compute_overhead'] == pytest.approx(
+        (int(model.dw.npoints.sum()) - 16) / 16)
     s_ = res.summary
     if budget_on in ('memory', 'both'):
         assert s_['memory_overhead'] <= budget + 1e-9
