@@ -192,7 +192,8 @@ def _setup(point_sets, sizes, budget, mode, by, max_points, seed, bits,
 def _fill(order: Tensor, layer_of: Tensor, chan_of: Tensor, costs: _Costs,
           mem_room: float, comp_room: float, layers: list[int]):
     """Takes items in ``order`` while they fit in both rooms, skipping those that do
-    not. Returns (taken item indices, rooms left, per-layer rows-per-group state)."""
+    not. Returns (taken item indices, rooms left, the ``LevelRows`` of the layers
+    whose point costs vary)."""
     mem_of = torch.tensor([costs.mem[i] if i in layers else 0
                            for i in range(len(costs.C))], dtype=torch.int64)[layer_of]
     state = {li: LevelRows(costs.C[li], costs.groups[li])
