@@ -151,14 +151,17 @@ class _QuantBase(nn.Module):
         state['_cache'] = None
         return state
 
+    def _row_channel(self) -> Tensor:
+        """(sum_j n_j,) output channel of each point row (rows are channel-major)."""
+        n = self.npoints
+        return torch.repeat_interleave(torch.arange(n.numel(), device=n.device), n)
+
     def _dequant_rows(self) -> Tensor:
         """(C_out, d) float32 dequantized weight."""
         rows = self.codes.float() * self.scales[:, None]
-        ch = torch.repeat_interleave(
-            torch.arange(self.npoints.numel(), device=self.npoints.device), self.npoints)
         out = torch.zeros(self.npoints.numel(), self.codes.shape[1],
                           device=rows.device, dtype=torch.float32)
-        return out.index_add_(0, ch, rows)
+        return out.index_add_(0, self._row_channel(), rows)
 
     def extra_overhead(self) -> float:
         """(sum_j n_j - C_out) / C_out: extra memory and compute of the layer."""
@@ -235,7 +238,7 @@ class QConv2d(_QuantBase):
             n = self.npoints
             rows_per_group = n.reshape(G, cpg).sum(1)
             R = int(rows_per_group.max())
-            ch = torch.repeat_interleave(torch.arange(C, device=n.device), n)
+            ch = self._row_channel()
             grp = ch // cpg
             start = torch.cumsum(rows_per_group, 0) - rows_per_group
             pos = torch.arange(ch.numel(), device=n.device) - start[grp]
@@ -262,12 +265,10 @@ class QConv2d(_QuantBase):
             cin = self.weight_in_channels // G
             dev, qd = self.codes.device, self.codes.shape[1]
             # one zero row appended: padding rows (-1) take it, with scale 0
-            codes = torch.cat([self.codes.float(), self.codes.new_zeros(1, qd).float()])
+            codes = torch.cat([self.codes.float(), torch.zeros(1, qd, device=dev)])
             scales = torch.cat([self.scales, self.scales.new_zeros(1)])
             zero = codes.shape[0] - 1
-            chans = torch.cat([torch.repeat_interleave(torch.arange(C, device=dev),
-                                                       self.npoints),
-                               torch.tensor([C], device=dev)])
+            chans = torch.cat([self._row_channel(), torch.tensor([C], device=dev)])
             out = []
             for act, rows in point_levels(self.npoints, G):
                 rows = torch.where(rows >= 0, rows, zero)
@@ -360,11 +361,9 @@ class QLinear(_QuantBase):
 
     def _expanded(self, dtype, device):
         def build():
-            ch = torch.repeat_interleave(
-                torch.arange(self.out_features, device=self.npoints.device),
-                self.npoints)
             return (self.codes.to(device=device, dtype=dtype),
-                    self.scales.to(device=device, dtype=dtype), ch.to(device))
+                    self.scales.to(device=device, dtype=dtype),
+                    self._row_channel().to(device))
         return self._cached(('e', dtype, device), build)
 
     def forward(self, x: Tensor) -> Tensor:
