@@ -22,6 +22,7 @@ from .quant import (BUDGET_ON, DEFAULT_FORM, InputStats, QuantizedWeight, check_
                     check_budget, check_max_points, conv_patches, linear_rows,
                     multipoint_quantize, mse_qw, ocs, quantize_points, rtn_qw)
 from .quant.grid import check_choice
+from .quant.levels import expanded_rows
 
 METHODS = ('multipoint', 'rtn', 'mse', 'ocs')
 ALLOCATIONS = ('global', 'layer')
@@ -501,9 +502,10 @@ def _layer_row(p: LayerPlan, qw: QuantizedWeight, in_index: Tensor | None,
     rows = int(qw.npoints.sum())
     d_stored = qw.codes.shape[1]
     # memory: extra b-bit weights over C*d. Compute: the expanded forward runs
-    # G * (largest rows per group) rows of d_stored MACs per output position.
+    # expanded_rows rows of d_stored MACs per output position (sum_j n_j for dense
+    # and depthwise convs; grouped ones pad each point level within its groups).
     mem_over = (rows * d_stored - C * d) / (C * d)
-    rows_run = G * int(qw.npoints.reshape(G, C // G).sum(1).max())
+    rows_run = expanded_rows(qw.npoints, G)
     comp_over = (rows_run * d_stored - C * d) / (C * d)
     macs = C * d * positions_per_image(ls, n_images)
     row = dict(name=p.name, component=p.component, type=type(m).__name__,

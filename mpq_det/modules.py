@@ -8,10 +8,14 @@ Two equivalent forwards (``mode``):
 
 * ``'dequant'`` (default): the dequantized float weight (cached lazily, per dtype
   and device) in one ordinary conv / linear.
-* ``'expanded'`` (common operands): ONE ordinary conv / linear with sum_j n_j output
-  channels whose weights are the integer codes (as floats), then a per-row scale
-  and a fixed segment sum of each channel's rows. Grouped and depthwise convs pad
-  every group to the same number of rows with zero rows.
+* ``'expanded'`` (common operands): ordinary convs / linears whose weights are the
+  integer codes (as floats), then a per-row scale and a fixed segment sum of each
+  channel's rows. Dense layers: ONE conv / linear with sum_j n_j output channels.
+  Grouped and depthwise convs: one grouped conv per point level (``quant.levels``):
+  the layer's own conv for the first points, then for each level k >= 1 a grouped
+  conv over only the groups that have (k+1)-th points (their input channels
+  gathered), padded with zero rows within those groups only; a depthwise conv so
+  runs exactly sum_j n_j rows.
 
 Activation quantization (``act_bits``): before the layer, x is fake-quantized per
 tensor. Symmetric: step = max(|min|, |max|) / (2**(b-1) - 1), codes in
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .quant.grid import act_qparams, check_bits
+from .quant.levels import point_levels
 from .quant.multipoint import QuantizedWeight
 
 MODES = ('dequant', 'expanded')
@@ -146,14 +151,17 @@ class _QuantBase(nn.Module):
         state['_cache'] = None
         return state
 
+    def _row_channel(self) -> Tensor:
+        """(sum_j n_j,) output channel of each point row (rows are channel-major)."""
+        n = self.npoints
+        return torch.repeat_interleave(torch.arange(n.numel(), device=n.device), n)
+
     def _dequant_rows(self) -> Tensor:
         """(C_out, d) float32 dequantized weight."""
         rows = self.codes.float() * self.scales[:, None]
-        ch = torch.repeat_interleave(
-            torch.arange(self.npoints.numel(), device=self.npoints.device), self.npoints)
         out = torch.zeros(self.npoints.numel(), self.codes.shape[1],
                           device=rows.device, dtype=torch.float32)
-        return out.index_add_(0, ch, rows)
+        return out.index_add_(0, self._row_channel(), rows)
 
     def extra_overhead(self) -> float:
         """(sum_j n_j - C_out) / C_out: extra memory and compute of the layer."""
@@ -219,6 +227,10 @@ class QConv2d(_QuantBase):
         return self._cached(('w', dtype, device), build)
 
     def _expanded(self, dtype, device):
+        """(integer weight, row scales, row channels) of ONE conv with every group
+        padded to the largest group's rows (padding rows: channel C_out). The
+        forward uses it for dense convs only (``_levels`` for grouped ones);
+        ``deploy.convert``'s common-operands module uses it for all."""
         def build():
             G = self.groups
             C = self.out_channels
@@ -226,7 +238,7 @@ class QConv2d(_QuantBase):
             n = self.npoints
             rows_per_group = n.reshape(G, cpg).sum(1)
             R = int(rows_per_group.max())
-            ch = torch.repeat_interleave(torch.arange(C, device=n.device), n)
+            ch = self._row_channel()
             grp = ch // cpg
             start = torch.cumsum(rows_per_group, 0) - rows_per_group
             pos = torch.arange(ch.numel(), device=n.device) - start[grp]
@@ -243,20 +255,64 @@ class QConv2d(_QuantBase):
                     scale.to(device=device, dtype=dtype), chan.to(device))
         return self._cached(('e', dtype, device), build)
 
-    def _conv(self, x, w):
+    def _levels(self, dtype, device) -> list[tuple[Tensor | None, int, Tensor, Tensor,
+                                                     Tensor]]:
+        """Per point level of a grouped conv (``quant.levels.point_levels``): (input
+        channels to gather, None for all; groups; integer weight; row scales; row
+        channels, C_out for padding rows)."""
+        def build():
+            C, G = self.out_channels, self.groups
+            cin = self.weight_in_channels // G
+            dev, qd = self.codes.device, self.codes.shape[1]
+            # one zero row appended: padding rows (-1) take it, with scale 0
+            codes = torch.cat([self.codes.float(), torch.zeros(1, qd, device=dev)])
+            scales = torch.cat([self.scales, self.scales.new_zeros(1)])
+            zero = codes.shape[0] - 1
+            chans = torch.cat([self._row_channel(), torch.tensor([C], device=dev)])
+            out = []
+            for act, rows in point_levels(self.npoints, G):
+                rows = torch.where(rows >= 0, rows, zero)
+                idx = None if act.numel() == G else \
+                    (act[:, None] * cin + torch.arange(cin, device=dev)).reshape(-1)
+                w = codes[rows].reshape(rows.numel(), cin, *self.kernel_size)
+                out.append((None if idx is None else idx.to(device), act.numel(),
+                            w.to(device=device, dtype=dtype),
+                            scales[rows].to(device=device, dtype=dtype),
+                            chans[rows].to(device)))
+            return out
+        return self._cached(('l', dtype, device), build)
+
+    def _pad(self, x: Tensor) -> tuple[Tensor, tuple | str | int]:
+        """x padded for a non-'zeros' padding_mode, and the padding the convs use."""
         if self.padding_mode != 'zeros':
-            x = F.pad(x, self._rev_pad, mode=self.padding_mode)
-            return F.conv2d(x, w, None, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation,
-                        self.groups)
+            return F.pad(x, self._rev_pad, mode=self.padding_mode), 0
+        return x, self.padding
+
+    def _conv(self, x: Tensor, w: Tensor, groups: int) -> Tensor:
+        x, padding = self._pad(x)
+        return F.conv2d(x, w, None, self.stride, padding, self.dilation, groups)
+
+    def _forward_levels(self, x: Tensor) -> Tensor:
+        x, padding = self._pad(x)      # once: the levels gather from the padded input
+        y = None
+        for idx, groups, wint, scale, chan in self._levels(x.dtype, x.device):
+            xi = x if idx is None else x.index_select(1, idx)
+            yr = F.conv2d(xi, wint, None, self.stride, padding, self.dilation, groups)
+            yr = yr * scale[None, :, None, None]
+            if y is None:
+                y = yr.new_zeros(yr.shape[0], self.out_channels + 1, *yr.shape[2:])
+            y.index_add_(1, chan, yr)
+        return y[:, :self.out_channels]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._act_quant(self._gather_inputs(x, 1))
         if self._mode == 'dequant':
-            y = self._conv(x, self._weight(x.dtype, x.device))
+            y = self._conv(x, self._weight(x.dtype, x.device), self.groups)
+        elif self.groups > 1:
+            y = self._forward_levels(x)
         else:
             wint, scale, chan = self._expanded(x.dtype, x.device)
-            yr = self._conv(x, wint) * scale[None, :, None, None]
+            yr = self._conv(x, wint, 1) * scale[None, :, None, None]
             y = yr.new_zeros(yr.shape[0], self.out_channels + 1, *yr.shape[2:])
             y = y.index_add_(1, chan, yr)[:, :self.out_channels]
         if self.bias is not None:
@@ -305,11 +361,9 @@ class QLinear(_QuantBase):
 
     def _expanded(self, dtype, device):
         def build():
-            ch = torch.repeat_interleave(
-                torch.arange(self.out_features, device=self.npoints.device),
-                self.npoints)
             return (self.codes.to(device=device, dtype=dtype),
-                    self.scales.to(device=device, dtype=dtype), ch.to(device))
+                    self.scales.to(device=device, dtype=dtype),
+                    self._row_channel().to(device))
         return self._cached(('e', dtype, device), build)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -3,8 +3,9 @@ memory and compute (issue 9)."""
 import pytest
 import torch
 
-from mpq_det.quant import (BlockH, ExactH, Feedback, InputStats, allocate, budget_used,
-                           compute_used, feedback_block_size, feedback_round_reference,
+from mpq_det.quant import (BlockH, ExactH, Feedback, InputStats, LevelRows, allocate,
+                           budget_used, compute_used, expanded_rows,
+                           feedback_block_size, feedback_round_reference,
                            greedy_multipoint, hform_from_dense, multipoint_quantize,
                            random_correlated_rows, residual, select_points)
 from mpq_det.quant import stats as stats_mod
@@ -236,6 +237,49 @@ def test_memory_only_overshoots_compute_and_both_does_not():
     assert cu <= 0.05 * ct
 
 
+@pytest.mark.parametrize('C,G', [(12, 4), (16, 16), (18, 6), (8, 1)])
+def test_level_rows_follow_the_expanded_rows(C, G):
+    """The allocation's point-by-point costs add up to the rows the expanded forward
+    runs, whatever the order of the points; one row per point when depthwise."""
+    g = gen(C + G)
+    lr = LevelRows(C, G)
+    n = torch.ones(C, dtype=torch.int64)
+    spent = 0
+    for c in torch.randint(0, C, (3 * C,), generator=g).tolist():
+        cost = lr.cost(c)
+        if C == G or G == 1:
+            assert cost == 1
+        lr.add(c)
+        n[c] += 1
+        spent += cost
+        assert spent == expanded_rows(n, G) - C
+    assert lr.n == n.tolist()
+
+
+def test_depthwise_points_cost_like_dense_ones():
+    """A depthwise conv and a dense layer of the same channels, d, positions, weights
+    and H cost the same per point under 'both', so they get the same points (ties
+    broken by order: at most one apart), within both bounds."""
+    g = gen(21)
+    C, d = 32, 9
+    W = torch.randn(C, d, generator=g) * (torch.rand(C, 1, generator=g) + 0.1)
+    h = torch.eye(d) * (1 + torch.rand(d, generator=g))
+    pss = [greedy_multipoint(W, ExactH(h[None]), 2, 4),
+           greedy_multipoint(W, ExactH(h.expand(C, d, d).clone()), 2, 4)]
+    W2 = torch.randn(64, 72, generator=g)
+    pss.append(greedy_multipoint(W2, None, 2, 4))
+    sizes, pos, groups = [d, d, 72], [400.0, 400.0, 100.0], [1, C, 1]
+    for budget in (0.05, 0.2):
+        n = allocate(pss, sizes, budget, positions=pos, groups=groups, budget_on='both')
+        mu, mt = budget_used(n, sizes)
+        cu, ct = compute_used(n, sizes, pos, groups)
+        assert mu <= budget * mt + 1e-9 and cu <= budget * ct * (1 + 1e-9)
+        extra = [int(x.sum() - x.numel()) for x in n]
+        assert extra[1] > 0 and abs(extra[0] - extra[1]) <= 1
+        # its compute: one row of d per point
+        assert compute_used(n[1:2], [d], [400.0], [C])[0] == extra[1] * d * 400.0
+
+
 def old_global_allocation(pss, sizes, budget, P=4):
     """The allocation before the compute bound, as a plain loop: every available
     extra point, ranked by (error drop / layer energy / d), taken in order when it
@@ -330,6 +374,14 @@ class _TinyDet(torch.nn.Module):
         return self.fc(p1.mean((2, 3)) + p2.mean((2, 3)))
 
 
+def run_rows(q):
+    """Output rows of the convs that a QConv2d's expanded forward runs."""
+    cpu = torch.device('cpu')
+    if q.groups == 1:
+        return q._expanded(torch.float32, cpu)[0].shape[0]
+    return sum(w.shape[0] for _, _, w, _, _ in q._levels(torch.float32, cpu))
+
+
 @pytest.mark.parametrize('budget_on', ['memory', 'compute', 'both'])
 def test_model_pass_reports_real_compute(budget_on):
     from mpq_det.model_pass import (QuantSettings, StatsCollector, plan_layers,
@@ -355,12 +407,14 @@ def test_model_pass_reports_real_compute(budget_on):
     assert rows['fc']['macs_per_image'] == 8 * 16      # one row per image
     for name in ('stem', 'dw', 'head'):
         q = getattr(model, name)
-        wint = q._expanded(torch.float32, torch.device('cpu'))[0]
         C = q.out_channels
         # what the expanded forward really runs, padded rows of grouped convs included
-        assert rows[name]['compute_overhead'] == pytest.approx((wint.shape[0] - C) / C)
+        assert rows[name]['compute_overhead'] == pytest.approx((run_rows(q) - C) / C)
         assert rows[name]['mem_overhead'] == pytest.approx(
             (int(q.npoints.sum()) - C) / C)
+    # depthwise: E extra points run E rows, as in a dense layer
+    assert rows['dw']['compute_overhead'] == pytest.approx(
+        (int(model.dw.npoints.sum()) - 16) / 16)
     s_ = res.summary
     if budget_on in ('memory', 'both'):
         assert s_['memory_overhead'] <= budget + 1e-9

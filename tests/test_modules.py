@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from mpq_det.modules import QConv2d, QLinear
-from mpq_det.quant import (greedy_multipoint, ocs, random_hform, rtn_qw,
-                           select_points)
+from mpq_det.quant import (QuantizedWeight, expanded_rows, greedy_multipoint, ocs,
+                           random_hform, rtn_qw, select_points)
 
 from conftest import gen
 
@@ -201,3 +201,81 @@ def test_output_space_points_reduce_output_error():
         e_rtn = float(((q_rtn(x) - y) ** 2).mean())
     assert e_mp < e_rtn
     assert random_hform(9, 1, 'diag').d == 9
+
+
+def random_qw(C, d, bits, npoints):
+    """A QuantizedWeight of random codes and scales with the given points per channel."""
+    g = gen(C + d)
+    rows = int(npoints.sum())
+    q = 2 ** (bits - 1) - 1
+    codes = torch.randint(-q, q + 1, (rows, d), generator=g).to(torch.int8)
+    return QuantizedWeight(codes, torch.rand(rows, generator=g) + 0.1, npoints, bits)
+
+
+GROUPED = [
+    dict(in_channels=12, out_channels=12, kernel_size=3, padding=1, groups=12),  # dw
+    dict(in_channels=12, out_channels=12, kernel_size=3, stride=2, padding=2,
+         dilation=2, groups=12, bias=False),                                       # dw
+    dict(in_channels=6, out_channels=18, kernel_size=3, padding=1, groups=6),    # dw x3
+    dict(in_channels=8, out_channels=12, kernel_size=(3, 1), padding=(1, 0), groups=4),
+    dict(in_channels=12, out_channels=12, kernel_size=3, padding=1, groups=12,
+         padding_mode='reflect'),
+    dict(in_channels=8, out_channels=12, kernel_size=3, stride=2, padding=1),    # dense
+]
+NPOINTS = ['random', 'ones', 'one_channel']
+
+
+@pytest.mark.parametrize('pts', NPOINTS)
+@pytest.mark.parametrize('cfg', GROUPED)
+def test_expanded_levels_are_exact(cfg, pts):
+    """The expanded forward (point levels for grouped convs) equals the conv of the
+    dequantized weight, and runs ``expanded_rows`` rows: sum_j n_j for depthwise."""
+    m = nn.Conv2d(**cfg).double()
+    C, G = m.out_channels, m.groups
+    d = m.weight[0].numel()
+    n = {'random': torch.randint(1, 5, (C,), generator=gen(C)),
+         'ones': torch.ones(C, dtype=torch.int64),
+         'one_channel': torch.ones(C, dtype=torch.int64).index_fill(
+             0, torch.tensor([C - 2]), 4)}[pts]
+    qw = random_qw(C, d, 3, n)
+    q = QConv2d.from_float(m, qw)
+    q.mode = 'expanded'
+    x = torch.randn(2, m.in_channels, 11, 9, generator=gen(3), dtype=torch.float64)
+    xp = x if m.padding_mode == 'zeros' else \
+        nn.functional.pad(x, (1, 1, 1, 1), mode='reflect')
+    # the dequantized weight in float64 (``qw.dequantize()`` sums in float32)
+    w = torch.zeros(C, d, dtype=torch.float64).index_add_(
+        0, qw.row_channel(), qw.codes.double() * qw.scales.double()[:, None])
+    with torch.no_grad():
+        ref = nn.functional.conv2d(
+            xp, w.reshape_as(m.weight), None if q.bias is None else q.bias.double(),
+            m.stride, m.padding if m.padding_mode == 'zeros' else 0, m.dilation, G)
+        y = q(x)
+    torch.testing.assert_close(qw.dequantize().double(), w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    if G == 1:
+        rows = q._expanded(torch.float64, x.device)[0].shape[0]
+    else:
+        levels = q._levels(torch.float64, x.device)
+        assert len(levels) == int(n.max())          # one conv per point level
+        rows = sum(w.shape[0] for _, _, w, _, _ in levels)
+    assert rows == expanded_rows(n, G)
+    if C == G or G == 1:                            # depthwise, dense: no padding rows
+        assert rows == int(n.sum())
+
+
+def test_levels_cache_follows_the_mode_and_state():
+    m = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    W = m.weight.detach().reshape(8, -1)
+    q = QConv2d.from_float(m, multipoint_qw(W, 3, 1))
+    x = torch.randn(1, 8, 5, 5, generator=gen(4))
+    q.mode = 'expanded'
+    with torch.no_grad():
+        q(x)
+        assert q._cache[0][0] == 'l'
+        q.load_state_dict(QConv2d.from_float(m, multipoint_qw(W, 3, 2)).state_dict())
+        assert q._cache is None                     # new points: levels rebuilt
+        q.mode = 'dequant'
+        y = q(x)
+        q.mode = 'expanded'
+        assert rel_diff(q(x), y) <= 1e-5

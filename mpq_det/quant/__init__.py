@@ -4,6 +4,7 @@ from .allocation import (BUDGET_ON, allocate, budget_used, compute_used,
 from .baselines import (mse_clip, mse_qw, ocs, ocs_fold, ocs_split, rtn, rtn_qw)
 from .feedback import (Feedback, feedback_coefficients,
                        feedback_round_reference)
+from .levels import LevelRows, expanded_rows, point_levels
 from .grid import (check_bits, check_budget, check_max_points, check_weight, qmax,
                    round_to_grid)
 from .multipoint import (DEFAULT_LLOYD, DEFAULT_N_CANDIDATES, DEFAULT_N_REFINE,
@@ -21,6 +22,7 @@ __all__ = [
     'BUDGET_ON', 'allocate', 'budget_used', 'compute_used', 'multipoint_quantize',
     'Feedback', 'feedback_coefficients', 'feedback_round_reference', 'feedback_step',
     'joint_feedback',
+    'LevelRows', 'expanded_rows', 'point_levels',
     'FEEDBACK_MAX_D', 'feedback_block_size', 'mse_clip', 'mse_qw', 'ocs',
     'ocs_fold', 'ocs_split', 'rtn', 'rtn_qw', 'check_bits', 'check_budget',
     'check_max_points', 'check_weight', 'qmax', 'round_to_grid',

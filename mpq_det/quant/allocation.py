@@ -6,10 +6,13 @@ per channel costs
 * memory: d weights (d * bits bits when layers of different bit widths share a
   budget), counted against budget * (the layers' quantized weights);
 * compute: d * (output positions per image) MACs, counted against budget * (the
-  layers' MACs per image). A grouped conv runs as one conv whose groups are all
-  padded to the largest group's number of rows (``QConv2d``'s expanded forward), so
-  a point there costs G * d * positions when it makes its group the largest and
-  nothing otherwise. ``positions`` default to 1 per layer.
+  layers' MACs per image). A grouped conv runs its points by level, each level
+  padded only within the groups that have points at that level (``QConv2d``'s
+  expanded forward, ``levels``): a point costs (the rows it adds to its level) *
+  d * positions, exactly d * positions in a depthwise conv (one channel per
+  group), which is so costed like a dense layer's point; with several channels per
+  group, 0 to (groups of the level) rows, so their cost depends on the points taken
+  before. ``positions`` default to 1 per layer.
 
 ``budget_on`` ('memory' | 'compute' | 'both', default 'both') says which of the two
 bounds the allocation keeps; 'memory' is the allocation of earlier versions.
@@ -31,9 +34,10 @@ bounds the allocation keeps; 'memory' is the allocation of earlier versions.
 Implementation: a channel's points must be taken in order, so priorities are made
 non-increasing along a channel (running minimum); then the greedy that always takes
 the best available next point equals taking items in sorted order (stable sort,
-ties keep the earlier point first). Without grouped convs under a compute bound,
-costs are constant and the items are taken in vectorized chunks; otherwise one
-Python loop over the sorted items tracks each grouped layer's rows per group.
+ties keep the earlier point first). Without grouped convs of several channels per
+group under a compute bound, costs are constant and the items are taken in
+vectorized chunks; otherwise one Python loop over the sorted items tracks each such
+layer's level rows (``levels.LevelRows``).
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ from torch import Tensor
 from .feedback import Feedback
 from .grid import (check_bits, check_budget, check_choice, check_max_points,
                    check_positive_int)
+from .levels import LevelRows, expanded_rows
 from .multipoint import (DEFAULT_LLOYD, DEFAULT_N_CANDIDATES, DEFAULT_N_REFINE,
                          PointSet, QuantizedWeight,
                          extend_points, greedy_multipoint, select_points)
@@ -103,8 +108,10 @@ class _Costs:
         self.comp_total = sum(c * m for c, m in zip(self.C, self.comp))
         self.budget = budget
         self.budget_on = budget_on
-        # grouped layers have state-dependent compute costs
-        self.stateful = self.on_comp and any(g > 1 for g in self.groups)
+        # grouped layers of several channels per group have state-dependent compute
+        # costs; depthwise ones cost d * positions per point, as dense ones
+        self.varies = [g > 1 and c // g > 1 for g, c in zip(self.groups, self.C)]
+        self.stateful = self.on_comp and any(self.varies)
 
     def key_cost(self, li: int, alpha: float = 0.5) -> float:
         """The cost a point of layer li is ranked by in the global pool; for 'both',
@@ -185,12 +192,12 @@ def _setup(point_sets, sizes, budget, mode, by, max_points, seed, bits,
 def _fill(order: Tensor, layer_of: Tensor, chan_of: Tensor, costs: _Costs,
           mem_room: float, comp_room: float, layers: list[int]):
     """Takes items in ``order`` while they fit in both rooms, skipping those that do
-    not. Returns (taken item indices, rooms left, per-layer rows-per-group state)."""
+    not. Returns (taken item indices, rooms left, the ``LevelRows`` of the layers
+    whose point costs vary)."""
     mem_of = torch.tensor([costs.mem[i] if i in layers else 0
                            for i in range(len(costs.C))], dtype=torch.int64)[layer_of]
-    state = {li: ([costs.C[li] // costs.groups[li]] * costs.groups[li],
-                  [costs.C[li] // costs.groups[li]])
-             for li in layers if costs.groups[li] > 1}
+    state = {li: LevelRows(costs.C[li], costs.groups[li])
+             for li in layers if costs.varies[li]}
     if not costs.stateful:
         comp_of = torch.tensor(costs.comp, dtype=torch.int64)[layer_of]
         cm_room = comp_room if costs.on_comp else None
@@ -220,7 +227,7 @@ def _fill(order: Tensor, layer_of: Tensor, chan_of: Tensor, costs: _Costs,
             order = rest[ok]
         t = torch.cat(taken) if taken else order.new_zeros(0)
         return t, mem_room, (comp_room if cm_room is None else cm_room), state
-    # grouped convs under a compute bound: costs depend on the rows taken so far
+    # grouped convs under a compute bound: costs depend on the points taken so far
     mem = costs.mem
     lay, ch = layer_of[order].tolist(), chan_of[order].tolist()
     taken = []
@@ -231,20 +238,14 @@ def _fill(order: Tensor, layer_of: Tensor, chan_of: Tensor, costs: _Costs,
         m = mem[li]
         if m > mem_room:
             continue
-        G = costs.groups[li]
-        if G > 1:
-            rows, top = state[li]
-            g = c // (costs.C[li] // G)
-            cc = G * costs.comp[li] if rows[g] + 1 > top[0] else 0
-        else:
-            cc = costs.comp[li]
+        lr = state.get(li)
+        cc = costs.comp[li] if lr is None else lr.cost(c) * costs.comp[li]
         if cc > comp_room:
             continue
         mem_room -= m
         comp_room -= cc
-        if G > 1:
-            rows[g] += 1
-            top[0] = max(top[0], rows[g])
+        if lr is not None:
+            lr.add(c)
         taken.append(pos)
     t = order[torch.tensor(taken, dtype=torch.int64)] if taken else order.new_zeros(0)
     return t, mem_room, comp_room, state
@@ -253,7 +254,7 @@ def _fill(order: Tensor, layer_of: Tensor, chan_of: Tensor, costs: _Costs,
 def _allocate(point_sets, budget, mode, Ps, keys, costs: _Costs):
     """Returns npoints per layer, and per layer a dict: tau (the smallest key taken in
     the layer's pool, inf if none), the pool's unspent memory and compute rooms, and
-    the rows-per-group state of grouped layers."""
+    the ``LevelRows`` of grouped layers of several channels per group."""
     L = len(point_sets)
     out = [torch.ones(ps.channels, dtype=torch.int64) for ps in point_sets]
     pools = [[li] for li in range(L)] if mode == 'layer' else [list(range(L))]
@@ -319,16 +320,15 @@ def allocate(point_sets: list[PointSet], sizes: list[int] | None = None,
 
 def compute_used(npoints: list[Tensor], sizes: list[int], positions: list[float],
                  groups: list[int] | None = None) -> tuple[float, float]:
-    """(extra MACs per image, MACs per image) of the layers' expanded forwards.
-
-    A grouped conv computes G * (largest rows per group) * d * positions.
+    """(extra MACs per image, MACs per image) of the layers' expanded forwards:
+    ``levels.expanded_rows`` * d * positions per layer (sum_j n_j rows for dense
+    and depthwise layers).
     """
     groups = groups or [1] * len(sizes)
     used = total = 0.0
     for n, d, p, g in zip(npoints, sizes, positions, groups):
         C = n.numel()
-        rows = int(n.reshape(g, C // g).sum(1).max()) * g
-        used += (rows - C) * d * float(p)
+        used += (expanded_rows(n, g) - C) * d * float(p)
         total += C * d * float(p)
     return used, total
 
@@ -432,9 +432,10 @@ def _pending(pss, npoints, keys, Ps, info, costs: _Costs, mode: str
             continue
         ub = key[pend, ps.computed[pend] - 1]
         inf = info[li]
-        # a grouped layer's point may cost no compute (its group is not the
-        # largest): judged by memory alone, which only computes more points
-        comp = 0 if costs.groups[li] > 1 else costs.comp[li]
+        # a grouped layer's point (several channels per group) may cost no compute
+        # (its level has room in its group): judged by memory alone, which only
+        # computes more points
+        comp = 0 if costs.varies[li] else costs.comp[li]
         fits = costs.mem[li] <= inf['mem_room'] and \
             (not costs.on_comp or comp <= inf['comp_room'])
         ok = (ub > 0) & ((ub >= inf['tau']) | fits)
@@ -454,7 +455,7 @@ def _pending(pss, npoints, keys, Ps, info, costs: _Costs, mode: str
         mem = torch.tensor(costs.mem, dtype=torch.int64)[lay]
         # as for ``fits``: a grouped layer's point may cost no compute, so that all
         # of them that fit in memory are computed in one round (not one per round)
-        comp = torch.tensor([0 if g > 1 else c for g, c in zip(costs.groups, costs.comp)],
+        comp = torch.tensor([0 if v else c for v, c in zip(costs.varies, costs.comp)],
                             dtype=torch.int64)[lay]
         order = torch.sort(ub, descending=True, stable=True).indices
         must = ub[order] >= inf['tau']
