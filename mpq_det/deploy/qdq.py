@@ -64,6 +64,9 @@ from .convert import RawOutputs, _folded_weight, is_two_stage, raw_outputs
 
 OPSET = 17
 MAX_SEGMENT_SHIFT = 6  # int8 weights 2^(k_max - k) of the segment-sum conv: up to 64
+# multiply-adds that one element read or written by an Add/Slice costs (memory-bound
+# ops against int8 GEMMs, roughly, on this machine's CPU provider)
+ELEMENT_COST = 8
 PREFIX = 'detector.'  # RawOutputs wraps the detector: parameter names start with it
 
 
@@ -341,6 +344,22 @@ def row_layout(q: QConv2d, first_point_only: bool = False) -> dict:
     return out
 
 
+def levels_cheaper(q: QConv2d) -> bool:
+    """Whether a dense multipoint conv costs less as one conv per point level (C rows
+    each, zero rows for the channels without that point, summed by integer Adds)
+    than as one conv with the E extra rows plus the E x C segment-sum conv (step 5).
+    Per output pixel: conv and segment-sum multiply-adds, plus the elements the Adds
+    and Slices read or write at ELEMENT_COST each. When most channels have an extra
+    point (cheap early layers under a compute budget), the E x C sum costs more than
+    the layer itself."""
+    npts = q.npoints.cpu().numpy().astype(np.int64)
+    C, L, E = npts.size, int(npts.max()) - 1, int(npts.sum()) - npts.size
+    K = q.in_channels // q.groups * int(np.prod(q.kernel_size))
+    levels = L * C * K + ELEMENT_COST * 3 * L * C
+    rows = E * K + E * C + ELEMENT_COST * (2 * (C + E) + 3 * C)
+    return levels < rows
+
+
 # --------------------------------------------------------------------------- build
 @dataclass
 class _QConvUnit:
@@ -385,6 +404,7 @@ class Int8Builder:
         self.calib: dict[str, tuple] = {}  # tensor -> ('rows', unit) | ('out', conv)
         self._act_q: dict[tuple, tuple[str, str]] = {}  # (x, scale, zero) -> (Q, DQ out)
         self._weights_seen: dict[str, tuple[str, str]] = {}  # content -> (weight DQ, bias)
+        self._sums: list[tuple[str, ConvRecord]] = []  # multipoint sums to requantize
 
     # -------------------------------------------------------------------- phase 1
     def build(self) -> list[str]:
@@ -409,7 +429,9 @@ class Int8Builder:
             self._quantize_conv(conv, q, mult, bias, rec)
         for unit in self.units:
             if unit.fac is None and not unit.routed:
-                self._route_output(unit, records[unit.conv])
+                self._route_output(unit.raw, records[unit.conv])
+        for y, rec in self._sums:  # else the sum's Add and a residual Add after it stay float
+            self._route_output(y, rec, multipoint=True)
         if self.integer_adds:
             self._requantized_add_inputs()
         self.report.convs = list(records.values())
@@ -515,7 +537,8 @@ class Int8Builder:
         y = conv.output[0]
         final = not self.int8_outputs and not G.descendants_have(y, 'Conv')
         rec.integer = True
-        if q.groups > 1 and int(q.npoints.max()) > 1 and not self.first_point_only:
+        if int(q.npoints.max()) > 1 and not self.first_point_only and (
+                q.groups > 1 or levels_cheaper(q)):
             return self._grouped_levels(conv, q, m, b, xdq, x_scale, y, final, rec)
         lay = row_layout(q, self.first_point_only)
         R = lay['codes'].shape[0]
@@ -546,6 +569,7 @@ class Int8Builder:
         if 'seg_out' in lay:  # the integer segment sum's own output scale
             self.calib[lay['seg_out']] = ('out', rec)
         rec.output_q = 'calibrated'
+        self._sums.append((y, rec))
 
     def _grouped_levels(self, conv, q: QConv2d, m, b, xdq: str, x_scale: float, y: str,
                         final: bool, rec: ConvRecord) -> None:
@@ -597,6 +621,7 @@ class Int8Builder:
             rec.reason += '; makes a raw head output, kept float (int8_outputs=True quantizes it)'
         else:
             rec.output_q = 'calibrated'
+            self._sums.append((y, rec))
 
     def _sum_rows(self, raw: str, y: str, lay: dict, C: int,
                   q: tuple[str, float, str] | None = None) -> list[str]:
@@ -695,10 +720,10 @@ class Int8Builder:
         node('Concat', parts, [y], axis=1) if len(parts) > 1 else node('Identity', parts, [y])
         return made
 
-    def _route_output(self, unit: _QConvUnit, rec: ConvRecord) -> None:
-        """Finds or inserts the QuantizeLinear after a one-point conv (step 4)."""
+    def _route_output(self, t: str, rec: ConvRecord, multipoint: bool = False) -> None:
+        """Finds or inserts the QuantizeLinear after a conv's output ``t`` (step 4;
+        for a multipoint conv, ``t`` is the sum of its rows)."""
         G = self.G
-        t = unit.raw
         cons = G.consumers(t)
         if not G.is_output(t) and len(cons) == 1 and cons[0].op_type in ('Relu', 'Clip'):
             t = cons[0].output[0]
@@ -717,13 +742,20 @@ class Int8Builder:
                 for i, x in enumerate(nd.input):
                     if x == t:
                         nd.input[i] = dq_out
+            if multipoint:  # its rows' requantization stays what the record says
+                return
             rec.output_q = 'next layer'
             if others:
                 rec.reason = (f'its output also feeds {sorted({n.op_type for n in others})} '
                               'through the next layer\'s input rounding')
             return
+        if multipoint and any(nd.op_type == 'Conv' for nd in cons):
+            return  # a float conv reads it: requantized, onnxruntime would run it in int8
         self.calib[t] = ('out', rec)
-        rec.output_q = 'calibrated'
+        if multipoint:
+            rec.reason += '; the sum requantized at a calibrated scale'
+        else:
+            rec.output_q = 'calibrated'
 
     # -------------------------------------------------------------------- phase 2
     def finish(self, ranges: dict[str, tuple[float, float]]):
