@@ -13,7 +13,7 @@ How it is built:
 2. A BatchNormalization that is a Conv's only consumer is folded: into the per-row
    weight scales of a quantized conv (a negative factor flips the codes' sign, which
    is exact on the symmetric grid), into the weights of a float conv.
-3. A quantized conv becomes ``DQ(Q(x)) -> Conv(DQ(int8 codes), DQ(int32 bias))``.
+3. A quantized conv becomes ``DQ(Q(x)) -> Conv(DQ(int8 codes), bias)`` (step 8: the bias).
    The input QuantizeLinear has the layer's own activation scale and zero point,
    so it does what the PyTorch fake quantization does (both round half to even).
 4. Output requantization. onnxruntime fuses only if a QuantizeLinear follows the
@@ -25,22 +25,35 @@ How it is built:
    8-bit rounding), except for the convs that make the raw head outputs: they stay
    float unless ``int8_outputs``. With ``integer_adds``, a residual Add's identity
    input reads the next conv's requantized input too, so that the Add is integer.
-5. Extra points, dense convs (issue 11's second option). A layer with
-   sum_j n_j > C_out rows is one Conv with the main rows first and the extra rows
-   after them, level by level. Its output is requantized per tensor, which would
-   crush the small extra rows, so the weight scales of the i-th extra points are
-   multiplied by 2^k_i (k_i = the smallest floor(log2(main scale / point scale)) of
-   that level): they are rounded 2^k_i finer. A 1x1 integer conv over the E extra
-   rows only (E*C multiply-adds per pixel, weights 2^(k_max - k_i) at (channel, its
-   row), a power-of-two scale) divides the 2^k_i back and puts each row on its
-   channel; an integer Add adds that to the main rows. Cost: the layer's output
-   rounded once more than in PyTorch (calibrated range), the E*C 1x1 conv and its
-   own rounding. (When the powers of two differ by more than 6, a float sum of
+5. Extra points, dense convs with few extra rows (issue 11's second option). A
+   layer with sum_j n_j > C_out rows is one Conv with the main rows first and the
+   extra rows after them, level by level. Its output is requantized per tensor,
+   which would crush the small extra rows, so the weight scales of the i-th extra
+   points are multiplied by 2^k_i (k_i = the smallest floor(log2(main scale / point
+   scale)) of that level): they are rounded 2^k_i finer. A 1x1 integer conv over the
+   E extra rows only (E*C multiply-adds per pixel, weights 2^(k_max - k_i) at
+   (channel, its row), a power-of-two scale) divides the 2^k_i back and puts each
+   row on its channel; an integer Add adds that to the main rows. Cost: the layer's
+   output rounded once more than in PyTorch (calibrated range), the E*C 1x1 conv and
+   its own rounding. (When the powers of two differ by more than 6, a float sum of
    Slices, Adds and a Concat does it instead.)
-6. Extra points, grouped and depthwise convs (the first option): one conv of the
-   same shape per point level (zero rows for the channels without that point),
-   each with its own output scale, summed by Adds. Extra rows inside the groups
-   would take onnxruntime off its depthwise kernel (SSDLite ran 15x slower).
+6. Extra points, grouped and depthwise convs, and dense convs where most channels
+   have an extra point (the first option; ``levels_cheaper`` decides for dense
+   convs): one conv of the same shape per point level (zero rows for the channels
+   without that point), each with its own output scale, summed by integer Adds. No
+   2^k and no segment sum; the zero rows cost their multiply-adds. Extra rows inside
+   the groups would take onnxruntime off its depthwise kernel (SSDLite ran 15x
+   slower); under the compute-aware budget, cheap early layers of RetinaNet-R50 got
+   an extra point on nearly every channel, where the E*C segment sum cost more than
+   the layer itself.
+7. The sum of a multipoint layer's rows is requantized like a one-point conv's
+   output (step 4), so that its Add and a residual Add after it run as QLinearAdd
+   (float, they took a quarter of RetinaNet-R50's time): one more 8-bit rounding
+   where no quantized conv reads it directly.
+8. File size: weight DequantizeLinears without zero points (0 by default), float
+   biases holding the int32-grid values (onnxruntime quantizes a QDQ conv's float
+   bias to int32 itself: 4 bytes per row instead of an int32 and its scale), no
+   all-zero biases, short tensor names, equal initializers stored once (``compact``).
 """
 from __future__ import annotations
 
