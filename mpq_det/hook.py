@@ -7,7 +7,7 @@ import os
 import os.path as osp
 import time
 from dataclasses import asdict, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from mmengine.dist import broadcast_object_list, get_rank, get_world_size, is_main_process
@@ -277,6 +277,43 @@ class MultipointQuantHook(Hook):
                 raise ValueError(f'components: the model has no {comp!r} (it has '
                                  f'{sorted(present)}); remove it or set it to None')
 
+    def quantize(self, model: torch.nn.Module,
+                 calibrate: Callable[[torch.nn.Module, torch.nn.Module | None], None],
+                 what: str = 'the calibration inputs') -> tuple[QuantResult, list, list]:
+        """Plans ``model``'s layers with this hook's settings, calibrates and quantizes
+        in place. ``calibrate(m, reference)`` runs every calibration batch through
+        ``m`` (through ``reference`` first when it is not None: the passes of
+        sequential statistics). Returns (result, plans, skipped). Also what code
+        outside a runner (e.g. the deploy benchmark) calls, so that it quantizes with
+        the hook's defaults."""
+        logger = MMLogger.get_current_instance()
+        plans, skipped, unmatched = plan_layers(model, component_of, self.components,
+                                                self.skip, self.pools, self.layer_bits)
+        for g in unmatched:
+            logger.warning(f'MultipointQuantHook: skip/layer_bits glob {g!r} matches no layer')
+        logger.info(f'MultipointQuantHook: calibrating {len(plans)} layers on {what}'
+                    + (' (sequential statistics)' if self.sequential else ''))
+        levers = dict(seed=self.calib['seed'], error_feedback=self.error_feedback,
+                      feedback_points=self.feedback_points, feedback_mode=self.feedback_mode,
+                      feedback_order=self.feedback_order, budget_on=self.budget_on,
+                      bias_correction=self.bias_correction,
+                      rank_points_by=self.rank_points_by)
+        if self.sequential:
+            split = self.sequential is True
+            result = quantize_model_sequential(
+                model, plans, calibrate, lambda n: stage_of(n, split_backbone=split),
+                dict(form=self.h_form, seed=self.calib['seed']), self.act_bits,
+                unpaired=runs_on_proposals, **levers)
+            return result, plans, skipped
+        collector = StatsCollector(plans, form=self.h_form, seed=self.calib['seed'],
+                                   feedback=self.error_feedback)
+        try:
+            calibrate(model, None)
+        finally:
+            collector.remove()
+        result = quantize_model(model, plans, collector.stats, self.act_bits, **levers)
+        return result, plans, skipped
+
     def _quantize(self, runner) -> None:
         if self._done:
             return
@@ -287,37 +324,9 @@ class MultipointQuantHook(Hook):
         payload = [None]
         if is_main_process():
             loader = build_calib_loader(runner.cfg, **self.calib)
-            plans, skipped, unmatched = plan_layers(model, component_of, self.components,
-                                                    self.skip, self.pools, self.layer_bits)
-            for g in unmatched:
-                logger.warning(f'MultipointQuantHook: skip/layer_bits glob {g!r} matches no '
-                               f'layer')
-            logger.info(f'MultipointQuantHook: calibrating {len(plans)} layers on '
-                        f'{len(loader.dataset)} {self.calib["split"]} images'
-                        + (' (sequential statistics)' if self.sequential else ''))
-            levers = dict(seed=self.calib['seed'], error_feedback=self.error_feedback,
-                          feedback_points=self.feedback_points,
-                          feedback_mode=self.feedback_mode,
-                          feedback_order=self.feedback_order, budget_on=self.budget_on,
-                          bias_correction=self.bias_correction,
-                          rank_points_by=self.rank_points_by)
-            if self.sequential:
-                split = self.sequential is True
-                result = quantize_model_sequential(
-                    model, plans,
-                    lambda m, ref: run_calibration(m, loader, reference=ref),
-                    lambda n: stage_of(n, split_backbone=split),
-                    dict(form=self.h_form, seed=self.calib['seed']), self.act_bits,
-                    unpaired=runs_on_proposals, **levers)
-            else:
-                collector = StatsCollector(plans, form=self.h_form, seed=self.calib['seed'],
-                                           feedback=self.error_feedback)
-                try:
-                    run_calibration(model, loader)
-                finally:
-                    collector.remove()
-                result = quantize_model(model, plans, collector.stats, self.act_bits,
-                                        **levers)
+            result, plans, skipped = self.quantize(
+                model, lambda m, ref: run_calibration(m, loader, reference=ref),
+                f'{len(loader.dataset)} {self.calib["split"]} images')
             result.skipped = skipped
             result.summary['notes'] = self._notes(plans)
             result.summary.update(summarize(result, model, plans))

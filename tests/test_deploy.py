@@ -109,12 +109,14 @@ def toy(max_points: int, residual: bool = True, seed: int = 0, skip=()) -> nn.Mo
 
 def conv_nodes(model, exclude=(), only=None) -> int:
     """Conv nodes of the int8 graph: one per layer, plus a 1x1 segment-sum conv for a
-    dense multipoint layer; one per point level for a grouped multipoint layer."""
+    dense multipoint layer with its extra rows; one per point level for a grouped
+    multipoint layer or a dense one where that costs less (qdq.levels_cheaper)."""
+    from mpq_det.deploy import qdq
     n = 0
     for name, m in model.named_modules():
         if isinstance(m, QConv2d) and name not in exclude and (only is None or name in only):
             p = int(m.npoints.max())
-            n += p if m.groups > 1 else 1 + (p > 1)
+            n += p if m.groups > 1 or (p > 1 and qdq.levels_cheaper(m)) else 1 + (p > 1)
     return n
 
 
@@ -155,6 +157,20 @@ def test_int8_outputs_match_pytorch_w4a8(max_points, tmp_path):
     names = {c.name for c in report.non_integer}
     assert names == {'cls', 'reg'}
     assert all('raw head output' in c.reason for c in report.non_integer)
+
+
+@pytest.mark.parametrize('levels', [False, True])
+def test_dense_multipoint_as_rows_or_levels(levels, tmp_path, monkeypatch):
+    """Both ways of running a dense multipoint conv (its extra rows and the segment-sum
+    conv, or one conv per point level) match PyTorch and run as integer kernels."""
+    from mpq_det.deploy import qdq
+    monkeypatch.setattr(qdq, 'levels_cheaper', lambda q: levels)
+    model = toy(3)
+    path, _ = deploy(model, tmp_path)
+    assert compare(model, path) <= TOL
+    counts = integer_kernel_counts(path)
+    assert counts['integer_convs'] == conv_nodes(model, exclude=('cls', 'reg'))
+    assert counts['float_convs'] == conv_nodes(model, only=('cls', 'reg'))
 
 
 def test_float_sum_of_the_rows(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import torch
 
 import mpq_det  # noqa: F401
 from mpq_det.deploy.convert import sample_inputs
-from mpq_det.deploy.ort import attach_onnx, integer_kernel_counts
+from mpq_det.deploy.ort import attach_onnx, integer_kernel_counts, make_session, run_session
 from mpq_det.deploy.qdq import Int8Builder
 from mpq_det.deploy.tools import load_detector
 
@@ -68,6 +68,23 @@ def test_deploy_tool_refuses_a_float_checkpoint_for_int8(tiny):
     with pytest.raises(ValueError, match='act_bits=8'):
         deploy_tool.main([tiny['cfg_path'], tiny['src'], '--out',
                           str(tiny['dir'] / 'x.onnx')])
+
+
+def test_ort_static_peer_graph(tiny, capsys):
+    """--ort-static: onnxruntime's own quantize_static W8A8 of the float detector,
+    calibrated on the train images, runs with integer convolutions."""
+    out = str(tiny['dir'] / 'ort_w8a8.onnx')
+    assert deploy_tool.main([tiny['cfg_path'], tiny['src'], '--ort-static', out,
+                             '--calib-images', '4', '--check-images', '1',
+                             '--tol', str(TOOL_TOL)]) == 0
+    assert 'ort W8A8' in capsys.readouterr().out
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert {'QuantizeLinear', 'DequantizeLinear'} <= ops
+    k = integer_kernel_counts(out)
+    assert k['integer_convs'] > 0 and k['conv_integer'] == 0 and k['float_convs'] == 0
+    sess = make_session(out)
+    x = torch.randn(1, 3, 64, 64)
+    assert all(o.size for o in run_session(sess, x))
 
 
 def test_attached_graph_gives_pytorch_predictions(tiny):

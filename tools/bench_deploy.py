@@ -1,6 +1,6 @@
 """Time FP32 ONNX against int8 ONNX in onnxruntime (CPU provider), same inputs.
 
-    python tools/bench_deploy.py --graphs retinanet_r18q FP32.onnx INT8.onnx \
+    python tools/bench_deploy.py --graphs retinanet_r18q FP32.onnx INT8.onnx [ORT_W8A8.onnx] \
         [--graphs NAME FP32.onnx INT8.onnx ...] [--size 256 256] [--r50] [--threads 1 2]
 
 Per graph pair and thread count: median and spread of ``--repeats`` timed runs after
@@ -9,8 +9,9 @@ memory onnxruntime adds (a fresh process per graph), and the convolutions of the
 optimized graph that run as integer kernels (QLinearConv) or in float. ``--r50``
 adds mmdet's RetinaNet-R50 (random init, quantized W4A8 by our model pass) at mmdet's
 test scale (800x1333, padded to 800x1344), batch 1, with two more int8 graphs: with
-its head outputs requantized too (--int8-outputs of tools/deploy.py) and without the
-extra points (what they cost); the last line is
+its head outputs requantized too (--int8-outputs of tools/deploy.py), without the
+extra points (what they cost), and onnxruntime's own quantize_static W8A8 of the FP32
+graph (tools/deploy.py --ort-static, the optional 4th graph of --graphs); the last line is
 ``int8_speedup=<fp32 median / int8 median>`` for it at 1 thread.
 """
 import argparse
@@ -26,8 +27,8 @@ from mpq_det.deploy.ort import file_mib, integer_kernel_counts, peak_memory_mib,
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description='FP32 vs int8 ONNX in onnxruntime')
-    p.add_argument('--graphs', nargs=3, action='append', default=[],
-                   metavar=('NAME', 'FP32', 'INT8'))
+    p.add_argument('--graphs', nargs='+', action='append', default=[],
+                   metavar='NAME FP32 INT8 [ORT_W8A8]')
     p.add_argument('--size', nargs=2, type=int, default=[256, 256],
                    help='input height width of --graphs')
     p.add_argument('--r50', action='store_true', help="also mmdet's RetinaNet-R50")
@@ -41,6 +42,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.graphs and not args.r50:
         p.error('give --graphs and/or --r50')
+    for g in args.graphs:
+        if len(g) not in (3, 4):
+            p.error(f'--graphs takes NAME FP32 INT8 [ORT_W8A8], got {g}')
     return args
 
 
@@ -72,8 +76,9 @@ def main(argv=None) -> int:
     print(f'input shapes: --graphs 1x3x{args.size[0]}x{args.size[1]}, R50 '
           f'1x3x{args.r50_size[0]}x{args.r50_size[1]}; warmup {args.warmup}, '
           f'repeats {args.repeats} (R50 {args.r50_repeats})')
-    for name, fp32, int8 in args.graphs:
-        bench(name, dict(fp32=fp32, int8=int8), (1, 3, *args.size), args, args.repeats)
+    for name, *graphs in args.graphs:
+        paths = dict(zip(('fp32', 'int8', 'ort_w8a8'), graphs))
+        bench(name, paths, (1, 3, *args.size), args, args.repeats)
     if args.r50:
         from mpq_det.deploy.tools import r50_graphs
         paths = r50_graphs(osp.join(args.work_dir, 'r50'))

@@ -1,7 +1,7 @@
 """Write a quantized one-stage detector as an int8 QDQ ONNX graph for onnxruntime.
 
     python tools/deploy.py CONFIG QUANTIZED.pth --out model_int8.onnx [--fp32 model_fp32.onnx]
-    python tools/deploy.py CONFIG FLOAT.pth --fp32 model_fp32.onnx
+    python tools/deploy.py CONFIG FLOAT.pth --fp32 model_fp32.onnx [--ort-static model_ort_w8a8.onnx]
 
 QUANTIZED.pth is an export made with 8-bit activations:
     python tools/export.py CONFIG FLOAT.pth QUANTIZED.pth --cfg-options custom_hooks.0.act_bits=8
@@ -31,6 +31,9 @@ def parse_args(argv=None):
                                       'with --fp32 alone')
     p.add_argument('--out', help='int8 QDQ ONNX graph to write')
     p.add_argument('--fp32', metavar='OUT', help='also write the FP32 ONNX graph')
+    p.add_argument('--ort-static', metavar='OUT',
+                   help="onnxruntime's own quantize_static W8A8 (QDQ, per-channel) of the "
+                        'FP32 graph, calibrated on the same images (the peer row)')
     p.add_argument('--int8-outputs', action='store_true',
                    help='requantize the raw head outputs too (their convs go integer)')
     p.add_argument('--check-images', type=int, default=4)
@@ -42,8 +45,8 @@ def parse_args(argv=None):
                    help='largest relative L2 difference of the int8 raw outputs vs PyTorch')
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = p.parse_args(argv)
-    if not (args.out or args.fp32):
-        p.error('give --out and/or --fp32')
+    if not (args.out or args.fp32 or args.ort_static):
+        p.error('give --out, --fp32 and/or --ort-static')
     return args
 
 
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
     cfg = config_with_options(args.config, args.cfg_options)
     calib = None if args.calib_images is None else dict(num_images=args.calib_images)
     r = deploy(cfg, args.checkpoint, args.out, args.fp32, args.int8_outputs,
-               args.check_images, calib)
+               args.check_images, calib, args.ort_static)
     if 'int8_max_rel_diff' in r:
         k = r['kernels']
         print(f'int8: {k["integer_convs"]} QLinearConv, {k["conv_integer"]} ConvInteger, '
@@ -61,7 +64,12 @@ def main(argv=None) -> int:
               f'(tol {args.tol:g})')
     if 'fp32_max_rel_diff' in r:
         print(f'fp32: max rel diff vs PyTorch {r["fp32_max_rel_diff"]:.3e}')
-    if r.get('int8_rel_l2_diff', 0.0) > args.tol or r.get('fp32_max_rel_diff', 0.0) > 1e-4:
+    if 'ort_rel_l2_diff' in r:
+        k = r['ort_kernels']
+        print(f'ort W8A8: {k["integer_convs"]} QLinearConv, {k["conv_integer"]} ConvInteger, '
+              f'{k["float_convs"]} float convs; vs PyTorch: max rel diff '
+              f'{r["ort_max_rel_diff"]:.3e}, relative L2 {r["ort_rel_l2_diff"]:.3e}')
+    if max(r.get('int8_rel_l2_diff', 0.0), r.get('ort_rel_l2_diff', 0.0)) > args.tol or r.get('fp32_max_rel_diff', 0.0) > 1e-4:
         print('FAILED: above tolerance', file=sys.stderr)
         return 1
     return 0

@@ -13,7 +13,7 @@ How it is built:
 2. A BatchNormalization that is a Conv's only consumer is folded: into the per-row
    weight scales of a quantized conv (a negative factor flips the codes' sign, which
    is exact on the symmetric grid), into the weights of a float conv.
-3. A quantized conv becomes ``DQ(Q(x)) -> Conv(DQ(int8 codes), DQ(int32 bias))``.
+3. A quantized conv becomes ``DQ(Q(x)) -> Conv(DQ(int8 codes), bias)`` (step 8: the bias).
    The input QuantizeLinear has the layer's own activation scale and zero point,
    so it does what the PyTorch fake quantization does (both round half to even).
 4. Output requantization. onnxruntime fuses only if a QuantizeLinear follows the
@@ -25,22 +25,35 @@ How it is built:
    8-bit rounding), except for the convs that make the raw head outputs: they stay
    float unless ``int8_outputs``. With ``integer_adds``, a residual Add's identity
    input reads the next conv's requantized input too, so that the Add is integer.
-5. Extra points, dense convs (issue 11's second option). A layer with
-   sum_j n_j > C_out rows is one Conv with the main rows first and the extra rows
-   after them, level by level. Its output is requantized per tensor, which would
-   crush the small extra rows, so the weight scales of the i-th extra points are
-   multiplied by 2^k_i (k_i = the smallest floor(log2(main scale / point scale)) of
-   that level): they are rounded 2^k_i finer. A 1x1 integer conv over the E extra
-   rows only (E*C multiply-adds per pixel, weights 2^(k_max - k_i) at (channel, its
-   row), a power-of-two scale) divides the 2^k_i back and puts each row on its
-   channel; an integer Add adds that to the main rows. Cost: the layer's output
-   rounded once more than in PyTorch (calibrated range), the E*C 1x1 conv and its
-   own rounding. (When the powers of two differ by more than 6, a float sum of
+5. Extra points, dense convs with few extra rows (issue 11's second option). A
+   layer with sum_j n_j > C_out rows is one Conv with the main rows first and the
+   extra rows after them, level by level. Its output is requantized per tensor,
+   which would crush the small extra rows, so the weight scales of the i-th extra
+   points are multiplied by 2^k_i (k_i = the smallest floor(log2(main scale / point
+   scale)) of that level): they are rounded 2^k_i finer. A 1x1 integer conv over the
+   E extra rows only (E*C multiply-adds per pixel, weights 2^(k_max - k_i) at
+   (channel, its row), a power-of-two scale) divides the 2^k_i back and puts each
+   row on its channel; an integer Add adds that to the main rows. Cost: the layer's
+   output rounded once more than in PyTorch (calibrated range), the E*C 1x1 conv and
+   its own rounding. (When the powers of two differ by more than 6, a float sum of
    Slices, Adds and a Concat does it instead.)
-6. Extra points, grouped and depthwise convs (the first option): one conv of the
-   same shape per point level (zero rows for the channels without that point),
-   each with its own output scale, summed by Adds. Extra rows inside the groups
-   would take onnxruntime off its depthwise kernel (SSDLite ran 15x slower).
+6. Extra points, grouped and depthwise convs, and dense convs where most channels
+   have an extra point (the first option; ``levels_cheaper`` decides for dense
+   convs): one conv of the same shape per point level (zero rows for the channels
+   without that point), each with its own output scale, summed by integer Adds. No
+   2^k and no segment sum; the zero rows cost their multiply-adds. Extra rows inside
+   the groups would take onnxruntime off its depthwise kernel (SSDLite ran 15x
+   slower); under the compute-aware budget, cheap early layers of RetinaNet-R50 got
+   an extra point on nearly every channel, where the E*C segment sum cost more than
+   the layer itself.
+7. The sum of a multipoint layer's rows is requantized like a one-point conv's
+   output (step 4), so that its Add and a residual Add after it run as QLinearAdd
+   (float, they took a quarter of RetinaNet-R50's time): one more 8-bit rounding
+   where no quantized conv reads it directly.
+8. File size: weight DequantizeLinears without zero points (0 by default), float
+   biases holding the int32-grid values (onnxruntime quantizes a QDQ conv's float
+   bias to int32 itself: 4 bytes per row instead of an int32 and its scale), no
+   all-zero biases, short tensor names, equal initializers stored once (``compact``).
 """
 from __future__ import annotations
 
@@ -64,6 +77,9 @@ from .convert import RawOutputs, _folded_weight, is_two_stage, raw_outputs
 
 OPSET = 17
 MAX_SEGMENT_SHIFT = 6  # int8 weights 2^(k_max - k) of the segment-sum conv: up to 64
+# multiply-adds that one element read or written by an Add/Slice costs (memory-bound
+# ops against int8 GEMMs, roughly, on this machine's CPU provider)
+ELEMENT_COST = 8
 PREFIX = 'detector.'  # RawOutputs wraps the detector: parameter names start with it
 
 
@@ -341,6 +357,22 @@ def row_layout(q: QConv2d, first_point_only: bool = False) -> dict:
     return out
 
 
+def levels_cheaper(q: QConv2d) -> bool:
+    """Whether a dense multipoint conv costs less as one conv per point level (C rows
+    each, zero rows for the channels without that point, summed by integer Adds)
+    than as one conv with the E extra rows plus the E x C segment-sum conv (step 5).
+    Per output pixel: conv and segment-sum multiply-adds, plus the elements the Adds
+    and Slices read or write at ELEMENT_COST each. When most channels have an extra
+    point (cheap early layers under a compute budget), the E x C sum costs more than
+    the layer itself."""
+    npts = q.npoints.cpu().numpy().astype(np.int64)
+    C, L, E = npts.size, int(npts.max()) - 1, int(npts.sum()) - npts.size
+    K = q.in_channels // q.groups * int(np.prod(q.kernel_size))
+    levels = L * C * K + ELEMENT_COST * 3 * L * C
+    rows = E * K + E * C + ELEMENT_COST * (2 * (C + E) + 3 * C)
+    return levels < rows
+
+
 # --------------------------------------------------------------------------- build
 @dataclass
 class _QConvUnit:
@@ -385,6 +417,7 @@ class Int8Builder:
         self.calib: dict[str, tuple] = {}  # tensor -> ('rows', unit) | ('out', conv)
         self._act_q: dict[tuple, tuple[str, str]] = {}  # (x, scale, zero) -> (Q, DQ out)
         self._weights_seen: dict[str, tuple[str, str]] = {}  # content -> (weight DQ, bias)
+        self._sums: list[tuple[str, ConvRecord]] = []  # multipoint sums to requantize
 
     # -------------------------------------------------------------------- phase 1
     def build(self) -> list[str]:
@@ -409,7 +442,9 @@ class Int8Builder:
             self._quantize_conv(conv, q, mult, bias, rec)
         for unit in self.units:
             if unit.fac is None and not unit.routed:
-                self._route_output(unit, records[unit.conv])
+                self._route_output(unit.raw, records[unit.conv])
+        for y, rec in self._sums:  # else the sum's Add and a residual Add after it stay float
+            self._route_output(y, rec, multipoint=True)
         if self.integer_adds:
             self._requantized_add_inputs()
         self.report.convs = list(records.values())
@@ -497,10 +532,9 @@ class Int8Builder:
         key = hashlib.sha1(codes.tobytes() + w_scales.tobytes() + bias.tobytes() +
                            str(codes.shape).encode()).hexdigest()
         if key not in self._weights_seen:
+            # no zero point inputs (optional, 0 by default): 1 byte per row less
             wdq = G.node('DequantizeLinear', [G.init('w_int8', codes),
-                                              G.init('w_scale', w_scales),
-                                              G.init('w_zero', np.zeros(R, np.int8))],
-                         axis=0).output[0]
+                                              G.init('w_scale', w_scales)], axis=0).output[0]
             self._weights_seen[key] = (wdq, G.init('bias', bias))
         return (*self._weights_seen[key], w_scales)
 
@@ -515,7 +549,8 @@ class Int8Builder:
         y = conv.output[0]
         final = not self.int8_outputs and not G.descendants_have(y, 'Conv')
         rec.integer = True
-        if q.groups > 1 and int(q.npoints.max()) > 1 and not self.first_point_only:
+        if int(q.npoints.max()) > 1 and not self.first_point_only and (
+                q.groups > 1 or levels_cheaper(q)):
             return self._grouped_levels(conv, q, m, b, xdq, x_scale, y, final, rec)
         lay = row_layout(q, self.first_point_only)
         R = lay['codes'].shape[0]
@@ -546,6 +581,7 @@ class Int8Builder:
         if 'seg_out' in lay:  # the integer segment sum's own output scale
             self.calib[lay['seg_out']] = ('out', rec)
         rec.output_q = 'calibrated'
+        self._sums.append((y, rec))
 
     def _grouped_levels(self, conv, q: QConv2d, m, b, xdq: str, x_scale: float, y: str,
                         final: bool, rec: ConvRecord) -> None:
@@ -597,6 +633,7 @@ class Int8Builder:
             rec.reason += '; makes a raw head output, kept float (int8_outputs=True quantizes it)'
         else:
             rec.output_q = 'calibrated'
+            self._sums.append((y, rec))
 
     def _sum_rows(self, raw: str, y: str, lay: dict, C: int,
                   q: tuple[str, float, str] | None = None) -> list[str]:
@@ -628,8 +665,8 @@ class Int8Builder:
         w = np.zeros((C, E, 1, 1), np.int8)
         w[chan, np.arange(E), 0, 0] = 2 ** (k_max[chan] - k_row)
         w_scale = (2.0 ** -k_max).astype(np.float32)
-        seg_w = node('DequantizeLinear', [G.init('seg_w', w), G.init('seg_scale', w_scale),
-                                          G.init('seg_zero', np.zeros(C, np.int8))], axis=0)
+        seg_w = node('DequantizeLinear', [G.init('seg_w', w), G.init('seg_scale', w_scale)],
+                     axis=0)
         seg = lay.setdefault('seg_out', G.uniq(y + '_extra_sum'))
         if q is None:
             main, extra = sl(raw, 0, C), sl(raw, C, C + E)
@@ -695,10 +732,10 @@ class Int8Builder:
         node('Concat', parts, [y], axis=1) if len(parts) > 1 else node('Identity', parts, [y])
         return made
 
-    def _route_output(self, unit: _QConvUnit, rec: ConvRecord) -> None:
-        """Finds or inserts the QuantizeLinear after a one-point conv (step 4)."""
+    def _route_output(self, t: str, rec: ConvRecord, multipoint: bool = False) -> None:
+        """Finds or inserts the QuantizeLinear after a conv's output ``t`` (step 4;
+        for a multipoint conv, ``t`` is the sum of its rows)."""
         G = self.G
-        t = unit.raw
         cons = G.consumers(t)
         if not G.is_output(t) and len(cons) == 1 and cons[0].op_type in ('Relu', 'Clip'):
             t = cons[0].output[0]
@@ -717,13 +754,20 @@ class Int8Builder:
                 for i, x in enumerate(nd.input):
                     if x == t:
                         nd.input[i] = dq_out
+            if multipoint:  # its rows' requantization stays what the record says
+                return
             rec.output_q = 'next layer'
             if others:
                 rec.reason = (f'its output also feeds {sorted({n.op_type for n in others})} '
                               'through the next layer\'s input rounding')
             return
+        if multipoint and any(nd.op_type == 'Conv' for nd in cons):
+            return  # a float conv reads it: requantized, onnxruntime would run it in int8
         self.calib[t] = ('out', rec)
-        rec.output_q = 'calibrated'
+        if multipoint:
+            rec.reason += '; the sum requantized at a calibrated scale'
+        else:
+            rec.output_q = 'calibrated'
 
     # -------------------------------------------------------------------- phase 2
     def finish(self, ranges: dict[str, tuple[float, float]]):
@@ -752,15 +796,21 @@ class Int8Builder:
                 qn = G.node('QuantizeLinear', [pre, s, z])
                 G.node('DequantizeLinear', [qn.output[0], s, z], [t])
         biases: dict[tuple, str] = {}
-        for unit in self.units:  # int32 bias at scale x_scale * w_scale (what QLinearConv adds)
+        for unit in self.units:
+            # the bias on the int32 grid x_scale * w_scale (what QLinearConv adds), stored
+            # as float: onnxruntime's bias quantization turns a float bias of a QDQ conv
+            # into that int32 itself, and a float takes 4 bytes per row where an int32
+            # and its DequantizeLinear scale take 8
+            conv = G.by_name(unit.conv)
+            if not unit.bias.any():  # the extra point levels: no bias at all
+                del conv.input[2:]
+                continue
             key = (unit.bias_name, unit.x_scale)
             if key not in biases:
                 bs = (np.float32(unit.x_scale) * unit.w_scales).astype(np.float32)
-                bq = np.clip(np.round(unit.bias / bs), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
-                biases[key] = G.node('DequantizeLinear', [
-                    G.init('bias_int32', bq), G.init('bias_scale', bs),
-                    G.init('bias_zero', np.zeros(bq.size, np.int32))], axis=0).output[0]
-            G.by_name(unit.conv).input[2] = biases[key]
+                bq = np.clip(np.round(unit.bias / bs), -2 ** 31, 2 ** 31 - 1)
+                biases[key] = G.init('bias', (bq * bs).astype(np.float32))
+            conv.input[2] = biases[key]
         self._count_float_ops()
         return G.proto()
 
@@ -798,6 +848,51 @@ def tensor_ranges(proto, names: list[str], batches: list[Tensor]) -> dict:
     return {n: (r[0], r[1]) for n, r in ranges.items()}
 
 
+def compact(proto) -> None:
+    """Short names for the tensors and initializers, names kept on Conv nodes only,
+    Constant nodes as initializers, equal initializers stored once. Names are no part
+    of the computation, but torch.onnx's long ones took 8% of SSDLite's int8 file."""
+    from onnx import numpy_helper
+    g = proto.graph
+    keep = {i.name for i in g.input} | {o.name for o in g.output}
+    rename: dict[str, str] = {}
+    shared: dict[tuple, str] = {}  # content -> initializer: equal tensors stored once
+    inits = []
+
+    def share(arr: np.ndarray) -> str:
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in shared:
+            shared[key] = f'_i{len(shared):x}'
+            inits.append(numpy_helper.from_array(arr, shared[key]))
+        return shared[key]
+    for t in g.initializer:
+        rename[t.name] = share(numpy_helper.to_array(t))
+    nodes = []
+    for nd in g.node:
+        if nd.op_type == 'Constant' and [a.name for a in nd.attribute] == ['value'] \
+                and nd.output[0] not in keep:
+            rename[nd.output[0]] = share(numpy_helper.to_array(nd.attribute[0].t))
+            continue
+        nodes.append(nd)
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    n = 0
+    for nd in nodes:
+        for x in nd.output:
+            if x and x not in keep:
+                rename[x] = f'_t{n:x}'
+                n += 1
+    for nd in nodes:
+        for field_ in (nd.input, nd.output):
+            new = [rename.get(x, x) for x in field_]
+            del field_[:]
+            field_.extend(new)
+        if nd.op_type != 'Conv':
+            nd.name = ''
+    del g.node[:]
+    g.node.extend(nodes)
+
+
 def build_int8_onnx(model: nn.Module, example: Tensor, calib_batches: list[Tensor],
                     int8_outputs: bool = False, opset: int = OPSET,
                     first_point_only: bool = False, integer_adds: bool = True):
@@ -809,4 +904,5 @@ def build_int8_onnx(model: nn.Module, example: Tensor, calib_batches: list[Tenso
     names = b.build()
     ranges = tensor_ranges(b.G.proto(), names, calib_batches) if names else {}
     proto = b.finish(ranges)
+    compact(proto)
     return proto, b.report

@@ -2,19 +2,21 @@
 quantized export), calibration and check images, write and check ONNX graphs."""
 from __future__ import annotations
 
+import os.path as osp
+import tempfile
+
 import onnx
 import torch
 from torch import Tensor
 
 from ..calibration import build_calib_loader
+from ..hook import CALIB_DEFAULTS as CALIB
 from ..export import _log, _unwrap, is_quantized_checkpoint, load_quantized_model, \
     read_checkpoint
 from .convert import build_float_model, max_rel_diff, raw_outputs, rel_l2_diff, \
     sample_inputs, write_bytes_atomic
-from .ort import integer_kernel_counts, make_session, run_session
+from .ort import integer_kernel_counts, make_session, ort_quantize_static, run_session
 from .qdq import DeployReport, build_int8_onnx, float_twin, torch_to_onnx
-
-CALIB = dict(split='train', num_images=32, batch_size=4, seed=0)
 
 
 def load_detector(cfg, checkpoint: str) -> tuple[torch.nn.Module, dict | None]:
@@ -41,22 +43,25 @@ def calib_batches(cfg, model: torch.nn.Module, calib: dict | None = None) -> lis
 
 def deploy(cfg, checkpoint: str, out: str | None = None, fp32: str | None = None,
            int8_outputs: bool = False, check_images: int = 4,
-           calib: dict | None = None) -> dict:
+           calib: dict | None = None, ort_static: str | None = None) -> dict:
     """Writes the int8 QDQ graph of the quantized export ``checkpoint`` to ``out``
     and/or the FP32 graph (of a float checkpoint, or of an export's dequantized
-    weights) to ``fp32``; checks each against PyTorch on ``check_images`` test images.
-    Returns the figures printed."""
+    weights) to ``fp32``, and/or onnxruntime's own ``quantize_static`` W8A8 of that
+    FP32 graph to ``ort_static`` (calibrated on the same images as ``out``); checks
+    each against PyTorch on ``check_images`` test images. Returns the figures printed."""
     model, meta = load_detector(cfg, checkpoint)
     inputs, _ = sample_inputs(cfg, model, check_images)
     ref = raw_outputs(model, inputs)
     result: dict = {}
+    if out and meta is None:
+        raise ValueError(f'{checkpoint} is a float checkpoint: the int8 graph needs a '
+                         'quantized export made with act_bits=8 (tools/export.py ... '
+                         '--cfg-options custom_hooks.0.act_bits=8); --fp32 and --ort-static '
+                         'work with it')
+    # the export's own calibration images (or the hook's defaults for a float model)
+    calib = calib or ((meta or {}).get('settings') or {}).get('calib')
+    batches = calib_batches(cfg, model, calib) if out or ort_static else []
     if out:
-        if meta is None:
-            raise ValueError(f'{checkpoint} is a float checkpoint: the int8 graph needs a '
-                             'quantized export made with act_bits=8 (tools/export.py ... '
-                             '--cfg-options custom_hooks.0.act_bits=8); --fp32 works with it')
-        settings = (meta.get('settings') or {})
-        batches = calib_batches(cfg, model, calib or settings.get('calib'))
         proto, report = build_int8_onnx(model, batches[0], batches, int8_outputs)
         onnx.checker.check_model(proto)
         write_bytes_atomic(proto.SerializeToString(), out)
@@ -72,15 +77,31 @@ def deploy(cfg, checkpoint: str, out: str | None = None, fp32: str | None = None
              f'QLinearConv, {k["conv_integer"]} ConvInteger, {k["float_convs"]} float convs; '
              f'raw outputs vs PyTorch on {check_images} test images: max rel diff '
              f'{result["int8_max_rel_diff"]:.3e}, relative L2 {result["int8_rel_l2_diff"]:.3e}')
-    if fp32:
-        proto = torch_to_onnx(float_twin(model), inputs[:1], fold_bn=True)
-        write_bytes_atomic(proto.SerializeToString(), fp32)
-        got = run_session(make_session(fp32), inputs)
-        ref_fp = raw_outputs(float_twin(model), inputs)
-        result['fp32_max_rel_diff'] = max_rel_diff([torch.from_numpy(g) for g in got], ref_fp)
-        what = 'dequantized weights, no act quantization' if meta else 'float model'
-        _log(f'fp32 graph {fp32}: raw outputs vs PyTorch ({what}): max rel diff '
-             f'{result["fp32_max_rel_diff"]:.3e}')
+    if fp32 or ort_static:
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32_path = fp32 or osp.join(tmp, 'fp32.onnx')
+            proto = torch_to_onnx(float_twin(model), inputs[:1], fold_bn=True)
+            write_bytes_atomic(proto.SerializeToString(), fp32_path)
+            ref_fp = raw_outputs(float_twin(model), inputs)
+            what = 'dequantized weights, no act quantization' if meta else 'float model'
+            if fp32:
+                got = [torch.from_numpy(g) for g in run_session(make_session(fp32), inputs)]
+                result['fp32_max_rel_diff'] = max_rel_diff(got, ref_fp)
+                _log(f'fp32 graph {fp32}: raw outputs vs PyTorch ({what}): max rel diff '
+                     f'{result["fp32_max_rel_diff"]:.3e}')
+            if ort_static:
+                ort_quantize_static(fp32_path, ort_static, [b.numpy() for b in batches])
+                got = [torch.from_numpy(g) for g in run_session(make_session(ort_static),
+                                                                inputs)]
+                result['ort_max_rel_diff'] = max_rel_diff(got, ref_fp)
+                result['ort_rel_l2_diff'] = rel_l2_diff(got, ref_fp)
+                result['ort_kernels'] = k = integer_kernel_counts(ort_static)
+                _log(f'onnxruntime quantize_static W8A8 graph {ort_static} ({len(batches)} '
+                     f'calibration batches): {k["integer_convs"]} QLinearConv, '
+                     f'{k["conv_integer"]} ConvInteger, {k["float_convs"]} float convs; raw '
+                     f'outputs vs PyTorch ({what}): max rel diff '
+                     f'{result["ort_max_rel_diff"]:.3e}, relative L2 '
+                     f'{result["ort_rel_l2_diff"]:.3e}')
     return result
 
 
@@ -108,8 +129,8 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
                budget: float = 0.05, seed: int = 0) -> dict[str, str]:
     """mmdet's packaged RetinaNet-R50 (random init), quantized W{bits}A8 by our model
     pass (multipoint, global budget) on two random images of ``calib_size``, written as
-    FP32, int8, int8 with int8 head outputs, and int8-without-extra-points ONNX
-    graphs (dynamic image size).
+    FP32, int8, int8 with int8 head outputs, int8-without-extra-points, and
+    onnxruntime's own ``quantize_static`` W8A8 of the FP32 graph (dynamic image size).
     Returns {kind: path}. For speed only: the weights are random."""
     import os
     import os.path as osp
@@ -119,8 +140,8 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
     from mmengine.registry import init_default_scope
     from mmdet.registry import MODELS
 
-    from ..hook import component_of
-    from ..model_pass import QuantSettings, StatsCollector, plan_layers, quantize_model
+    from ..hook import MultipointQuantHook
+    from ..model_pass import summarize
     os.makedirs(out_dir, exist_ok=True)
     cfg = Config.fromfile(osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs',
                                    'retinanet', 'retinanet_r50_fpn_1x_coco.py'))
@@ -131,17 +152,22 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
     model = MODELS.build(model_cfg).eval()
     g = torch.Generator().manual_seed(seed)
     batches = [torch.randn(1, 3, *calib_size, generator=g) for _ in range(2)]
-    s = QuantSettings(bits=bits, budget=budget)
-    plans, _, _ = plan_layers(model, component_of,
-                              {'backbone': s, 'neck': s, 'head': s})
-    collector = StatsCollector(plans)
-    try:
-        with torch.no_grad():
-            for x in batches:
-                model(x, None, mode='tensor')
-    finally:
-        collector.remove()
-    quantize_model(model, plans, collector.stats, act_bits=8)
+    # the hook's own defaults (budget_on, error feedback, ...), as tools/test.py runs it
+    hook = MultipointQuantHook(bits=bits, budget=budget, act_bits=8, report=False,
+                               calib=dict(seed=seed))
+
+    @torch.no_grad()
+    def calibrate(m: torch.nn.Module, reference: torch.nn.Module | None) -> None:
+        for x in batches:
+            if reference is not None:
+                reference(x, None, mode='tensor')
+            m(x, None, mode='tensor')
+    result, plans, _ = hook.quantize(model, calibrate, f'{len(batches)} random images')
+    sm = summarize(result, model, plans)
+    _log(f'RetinaNet-R50 W{bits}A8 (budget {budget}, budget_on={hook.budget_on}, '
+         f'error_feedback={hook.error_feedback}): extra points add memory '
+         f'{sm["memory_overhead"]:.1%}, MACs {sm["compute_overhead"]:.1%} (at the '
+         f'calibration size)')
     variants = {'int8': {}, 'int8_outputs': dict(int8_outputs=True),
                 'int8_one_point': dict(first_point_only=True)}
     paths = {k: osp.join(out_dir, f'retinanet_r50_{k}.onnx') for k in ['fp32', *variants]}
@@ -150,4 +176,7 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
     for kind, kw in variants.items():
         proto, _ = build_int8_onnx(model, batches[0], batches, **kw)
         write_bytes_atomic(proto.SerializeToString(), paths[kind])
+    # the peer row: onnxruntime's own W8A8 of the float model, same calibration images
+    paths['ort_w8a8'] = ort_quantize_static(paths['fp32'], osp.join(
+        out_dir, 'retinanet_r50_ort_w8a8.onnx'), [x.numpy() for x in batches])
     return paths
