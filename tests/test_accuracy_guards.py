@@ -27,7 +27,7 @@ PINNED = dict(bits=4, method='multipoint', budget=0.05, allocation='global', max
               calib=dict(split='train', num_images=32, batch_size=4, seed=0),
               export=None, report=True, error_feedback=True, feedback_mode='joint',
               feedback_points=4, feedback_order=True, budget_on='both',
-              bias_correction=False, rank_points_by='output')
+              bias_correction=False, rank_points_by='output', sequential=False)
 RUNS = {
     'fp': None,
     'mp_w4': dict(bits=4, budget=0.05),
