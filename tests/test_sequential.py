@@ -100,14 +100,28 @@ def test_statistics_after_a_quantized_layer_differ_and_pair_up():
                               {'head': QuantSettings(bits=2)})
     col = StatsCollector(plans, form='exact', reference=reference, damp=0.01,
                          rows_per_batch=50)
+    seen = {}
+    hooks = [mod.s2[1].register_forward_hook(
+        lambda m, i, o, k=k: seen.__setitem__(k, i[0].detach()))
+        for k, mod in (('q', model), ('ref', reference))]
     _calibrate([x])(model, reference)
     col.remove()
+    for h in hooks:
+        h.remove()
     ref_plans, _, _ = plan_layers(reference, lambda n: 'head' if n.startswith('s2') else None,
                                   {'head': QuantSettings(bits=2)})
     fp = StatsCollector(ref_plans, form='exact', damp=0.0, rows_per_batch=50)
     _calibrate([x])(reference)
     fp.remove()
     st, st_fp = col.stats['s2.1'].stats, fp.stats['s2.1'].stats
+    # the cross term pairs the two inputs at the same (subsampled) positions
+    from mpq_det.quant import conv_patches
+    conv = model.s2[1]
+    _, idx = conv_patches(seen['ref'], 3, padding=1, max_rows=50,
+                          generator=torch.Generator().manual_seed(0), return_index=True)
+    Xq, Xr = (conv_patches(seen[k], 3, padding=1, index=idx)[0] for k in ('q', 'ref'))
+    assert idx.numel() == 50 and st.n == 50
+    assert torch.allclose(st.cross_acc[0], Xq.T @ Xr, rtol=1e-4, atol=1e-4)
     # the same positions: the reference rows of the pair are the FP model's rows
     assert torch.allclose(st.ref_row_sum, st_fp.row_sum, rtol=1e-5)
     H, H_fp = st.finalize().dense(), st_fp.finalize().dense()
