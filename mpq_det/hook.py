@@ -1,7 +1,6 @@
 """MultipointQuantHook: quantize an mmdet detector right after its checkpoint loads."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import os.path as osp

@@ -21,7 +21,7 @@ from .qstate import swap_module
 from .quant import (BUDGET_ON, DEFAULT_FORM, InputStats, QuantizedWeight, check_bits,
                     check_budget, check_max_points, conv_patches, linear_rows,
                     multipoint_quantize, mse_qw, ocs, quantize_points, rtn_qw)
-from .quant.grid import check_choice
+from .quant.grid import check_choice, torch_threads
 from .quant.levels import expanded_rows
 
 METHODS = ('multipoint', 'rtn', 'mse', 'ocs')
@@ -294,7 +294,6 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
     ``rank_points_by`` decides where extra points go: 'output' (the method: largest
     drop of output error), or, for the ablation, 'weight' (weight error) or 'random'.
     """
-    check_choice(budget_on, 'budget_on', BUDGET_ON)
     t0 = time.perf_counter()
     opts = _PassOptions(seed, error_feedback, feedback_points, budget_on, feedback_mode,
                         feedback_order, rank_points_by)
@@ -317,6 +316,9 @@ class _PassOptions:
     feedback_mode: str = 'joint'
     feedback_order: bool = True
     rank_points_by: str = 'output'
+
+    def __post_init__(self):
+        check_choice(self.budget_on, 'budget_on', BUDGET_ON)
 
 
 def _quantize_layers(plans: list[LayerPlan], stats: dict[str, LayerStats] | None,
@@ -353,7 +355,7 @@ def _quantize_layers(plans: list[LayerPlan], stats: dict[str, LayerStats] | None
                 budget_on=o.budget_on, feedbacks=fbs, fb_points=o.feedback_points,
                 fb_mode=o.feedback_mode)
         else:
-            with _threads(1):   # as multipoint_quantize: one thread is fastest here
+            with torch_threads(1):   # as multipoint_quantize: one thread is fastest here
                 out, pss = zip(*[quantize_points(
                     W, H, p.settings.bits, npoints[p.name], s.max_points, fb,
                     o.feedback_points, o.feedback_mode) for p, W, H, fb in
@@ -364,20 +366,6 @@ def _quantize_layers(plans: list[LayerPlan], stats: dict[str, LayerStats] | None
             final = ps.err.gather(1, qw.npoints[:, None]).sum()
             errs[p.name] = (float(e0), float(ps.err[:, 1].sum() / e0), float(final / e0))
     return qws, errs
-
-
-class _threads:
-    """torch intra-op threads set to ``n`` inside the block, restored after."""
-
-    def __init__(self, n: int):
-        self.n, self.old = n, None
-
-    def __enter__(self):
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
 
 
 def _apply(model: nn.Module, p: LayerPlan, qw_index: tuple[QuantizedWeight, Tensor | None],
@@ -434,7 +422,6 @@ def quantize_model_sequential(model: nn.Module, plans: list[LayerPlan],
     ``quantize_model``. ``quant_time_s`` in the summary excludes the calibration
     forwards; ``calib_passes`` counts them.
     """
-    check_choice(budget_on, 'budget_on', BUDGET_ON)
     o = _PassOptions(seed, error_feedback, feedback_points, budget_on, feedback_mode,
                      feedback_order, rank_points_by)
     copts = dict(collector or {}, feedback=error_feedback)

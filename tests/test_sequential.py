@@ -6,7 +6,7 @@ from torch import nn
 
 from mpq_det.model_pass import (QuantSettings, StatsCollector, plan_layers,
                                 quantize_model, quantize_model_sequential, summarize)
-from mpq_det.quant import InputStats, quantize_points, rtn_qw, greedy_multipoint
+from mpq_det.quant import InputStats, greedy_multipoint, quantize_points
 from mpq_det.quant.stats import ExactH
 
 from conftest import gen
@@ -116,7 +116,6 @@ def test_statistics_after_a_quantized_layer_differ_and_pair_up():
     st, st_fp = col.stats['s2.1'].stats, fp.stats['s2.1'].stats
     # the cross term pairs the two inputs at the same (subsampled) positions
     from mpq_det.quant import conv_patches
-    conv = model.s2[1]
     _, idx = conv_patches(seen['ref'], 3, padding=1, max_rows=50,
                           generator=torch.Generator().manual_seed(0), return_index=True)
     Xq, Xr = (conv_patches(seen[k], 3, padding=1, index=idx)[0] for k in ('q', 'ref'))

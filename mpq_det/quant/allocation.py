@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .feedback import Feedback
 from .grid import (check_bits, check_budget, check_choice, check_max_points,
-                   check_positive_int)
+                   torch_threads)
 from .levels import LevelRows, expanded_rows
 from .multipoint import (DEFAULT_LLOYD, DEFAULT_N_CANDIDATES, DEFAULT_N_REFINE,
                          PointSet, QuantizedWeight,
@@ -375,14 +375,8 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
     args = (weights, hforms, bits, budget, allocation, max_points, by, n_candidates,
             refit, seed, lazy, min_ratio, n_refine, lloyd, positions, budget_on,
             feedbacks, fb_points, fb_mode)
-    if num_threads is None:
+    with torch_threads(num_threads):
         return _multipoint_quantize(*args)
-    old = torch.get_num_threads()
-    torch.set_num_threads(check_positive_int(num_threads, 'num_threads'))
-    try:
-        return _multipoint_quantize(*args)
-    finally:
-        torch.set_num_threads(old)
 
 
 def _multipoint_quantize(weights, hforms, bits, budget, allocation, max_points, by,

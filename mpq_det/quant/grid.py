@@ -5,6 +5,7 @@ Q = 2**(b-1) - 1, i.e. 2**b - 1 levels (b = 4: -7..7). Codes are stored as int8.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -106,3 +107,18 @@ def round_to_grid(r: Tensor, scale: Tensor, bits: int) -> Tensor:
     codes = torch.round(r / safe).clamp_(-q, q)
     codes = torch.where(scale > 0, codes, torch.zeros_like(codes))
     return codes.to(torch.int8)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch intra-op threads set to ``n`` inside the block and restored after;
+    None leaves them as they are."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(check_positive_int(n, 'num_threads'))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -67,6 +67,18 @@ def _subsample(total: int, max_rows: int, generator) -> Tensor | None:
     return idx.sort().values
 
 
+def _positions(total: int, max_rows: int, generator, index: Tensor | None
+               ) -> Tensor | None:
+    """``index`` checked against ``total`` positions, or (None given) the seeded
+    subsample of at most ``max_rows`` (None: take them all)."""
+    if index is None:
+        return _subsample(total, max_rows, generator)
+    if int(index.max()) >= total:
+        raise ValueError(f'index reaches {int(index.max())} but the input has {total} '
+                         f'positions')
+    return index
+
+
 def conv_patches(x: Tensor, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, max_rows: int = 4096, generator=None,
                  padding_mode: str = 'zeros', index: Tensor | None = None,
@@ -110,12 +122,9 @@ def conv_patches(x: Tensor, kernel_size, stride=1, padding=0, dilation=1,
     if Ho <= 0 or Wo <= 0:
         raise ValueError(f'input of spatial size {(Hh, Ww)} is too small for the kernel')
     total = B * Ho * Wo
-    idx = _subsample(total, max_rows, generator) if index is None else index
+    idx = _positions(total, max_rows, generator, index)
     if idx is None:
         idx = torch.arange(total)
-    if int(idx.max()) >= total:
-        raise ValueError(f'index reaches {int(idx.max())} but the input has {total} '
-                         f'output positions')
     idx = idx.to(x.device)
     b = idx // (Ho * Wo)
     oy = (idx // Wo) % Ho
@@ -140,11 +149,8 @@ def linear_rows(x: Tensor, max_rows: int = 4096, generator=None,
     if not isinstance(x, Tensor) or x.dim() < 1 or x.numel() == 0:
         raise ValueError('x must be a non-empty (..., d) tensor')
     x = x.reshape(-1, x.shape[-1])
-    idx = _subsample(x.shape[0], max_rows, generator) if index is None else index
+    idx = _positions(x.shape[0], max_rows, generator, index)
     if idx is not None:
-        if int(idx.max()) >= x.shape[0]:
-            raise ValueError(f'index reaches {int(idx.max())} but the input has '
-                             f'{x.shape[0]} rows')
         x = x[idx.to(x.device)]
     else:
         idx = torch.arange(x.shape[0])
@@ -510,6 +516,11 @@ def feedback_block_size(d: int, taps: int = 1, max_block: int | None = None) -> 
     return best * taps
 
 
+def _ridge(H: Tensor, damp: float) -> Tensor:
+    """damp * mean(diag H) of each group of a dense (G, d, d) H, as (G, 1, 1)."""
+    return damp * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)[:, None, None]
+
+
 class InputStats:
     """Running accumulator of H = X^T X / N for one layer (per conv group).
 
@@ -584,6 +595,16 @@ class InputStats:
             self.ref_row_sum = torch.zeros(G, d, dtype=torch.float64)
             if d <= FEEDBACK_MAX_D:
                 self.cross_acc = torch.zeros(G, d, d, dtype=torch.float32)
+
+    @property
+    def damp(self) -> float:
+        """Ridge on H relative to its mean diagonal (see ``finalize``)."""
+        return float(self.opts.get('damp', DEFAULT_DAMP))
+
+    def _feedback_acc(self) -> Tensor:
+        """The accumulator of the H that feedback and the cross term use: the form's
+        own when it is dense, else the dense or block-diagonal one kept for them."""
+        return self.acc if self.fb_acc is None else self.fb_acc
 
     def _acc_is_dense(self) -> bool:
         return self.acc is not None and self.acc.dim() == 3 and \
@@ -663,10 +684,9 @@ class InputStats:
         if self.cross_acc is None:
             return W.detach().float().clone()
         G, d = self.groups, self.d
-        H = ((self.acc if self._acc_is_dense() else self.fb_acc) / self.n).double()
+        H = (self._feedback_acc() / self.n).double()
         A = (self.cross_acc / self.n).double()
-        damp = float(self.opts.get('damp', DEFAULT_DAMP))
-        lam = damp * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)[:, None, None]
+        lam = _ridge(H, self.damp)
         eye = torch.eye(d, dtype=H.dtype)
         Wg = W.detach().double().cpu().reshape(G, -1, d)            # (G, Cg, d)
         rhs = torch.bmm(A + lam * eye, Wg.transpose(1, 2))           # (G, d, Cg)
@@ -685,16 +705,14 @@ class InputStats:
         if self.n == 0:
             raise ValueError('InputStats.finalize_feedback: no rows were accumulated')
         if self._fb is None or self._fb.order != order:
-            damp = float(self.opts.get('damp', DEFAULT_DAMP))
-            acc = self.acc if self.fb_acc is None else self.fb_acc
-            acc = (acc / self.n).float()
-            diag = torch.diagonal(acc, dim1=-2, dim2=-1)
+            damp = self.damp
+            acc = (self._feedback_acc() / self.n).float()
             if self.fb_block is None:
-                mean = diag.mean(-1)[:, None, None]
-                metric = ExactH(acc + damp * mean * torch.eye(self.d))
+                metric = ExactH(acc + _ridge(acc, damp) * torch.eye(self.d))
             else:
                 # the padding columns of the last block get the ridge only
-                mean = diag[..., :].sum((-2, -1)) / self.d
+                diag = torch.diagonal(acc, dim1=-2, dim2=-1)
+                mean = diag.sum((-2, -1)) / self.d
                 metric = BlockH(acc + damp * mean[:, None, None, None] *
                                 torch.eye(self.fb_block), self.d)
             self._fb = Feedback(metric, DEFAULT_BLOCK if block is None else block,
@@ -711,7 +729,7 @@ class InputStats:
         # With fewer rows than d (e.g. a 1x1 feature map), H is singular and the
         # search could move error into unseen directions for free. A small ridge,
         # damp * mean(diag H), keeps those directions priced (as GPTQ's damping).
-        damp = float(self.opts.get('damp', DEFAULT_DAMP))
+        damp = self.damp
         if self.form == 'diag':
             return DiagH(acc)
         if self.form == 'block':
@@ -724,8 +742,7 @@ class InputStats:
             h = (self.diag / self.n).float()
             r = (h - (U * U * e[:, None, :]).sum(-1)).clamp_min(0)
             return LowRankH(U, e, r + damp * h.mean(-1, keepdim=True))
-        acc = acc + damp * torch.diagonal(acc, dim1=-2, dim2=-1).mean(-1)[:, None, None] * \
-            torch.eye(self.d)
+        acc = acc + _ridge(acc, damp) * torch.eye(self.d)
         opts = {k: v for k, v in self.opts.items() if k != 'damp'}
         return hform_from_dense(acc, self.form, generator=self.generator, **opts)
 
