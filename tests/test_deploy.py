@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from mpq_det.deploy.convert import max_rel_diff, raw_outputs
 from mpq_det.deploy.ort import integer_kernel_counts, make_session, run_session
-from mpq_det.deploy.qdq import build_int8_onnx, row_layout
+from mpq_det.deploy.qdq import Int8Builder, build_int8_onnx, row_layout, tensor_ranges
 from mpq_det.modules import QConv2d
 from mpq_det.quant import greedy_multipoint, select_points
 from mpq_det.qstate import swap_module
@@ -120,9 +120,17 @@ def conv_nodes(model, exclude=(), only=None) -> int:
     return n
 
 
-def deploy(model, tmp_path, int8_outputs=False):
+def deploy(model, tmp_path, int8_outputs=False, floors=None):
+    """The graph with float output convs (the 8-bit rounding of the outputs aside,
+    it rounds where PyTorch does) unless ``int8_outputs``; ``floors`` as
+    ``Int8Builder(output_floors=)``."""
     calib = images(4, 2)  # the calibration images of toy()
-    proto, report = build_int8_onnx(model, calib[0], calib, int8_outputs=int8_outputs)
+    if floors is None:
+        proto, report = build_int8_onnx(model, calib[0], calib, int8_outputs=int8_outputs)
+    else:
+        b = Int8Builder(model, calib[0], int8_outputs, output_floors=floors)
+        proto = b.finish(tensor_ranges(b.G.proto(), b.build(), calib))
+        report = b.report
     path = str(tmp_path / 'int8.onnx')
     import onnx
     onnx.checker.check_model(proto)
@@ -196,6 +204,36 @@ def test_int8_outputs_option(tmp_path):
     counts = integer_kernel_counts(path)
     assert counts['float_convs'] == 0 and counts['integer_convs'] == conv_nodes(model)
     assert compare(model, path) <= TOL
+
+
+def test_score_floor_rounds_the_scores_that_matter_finer(tmp_path):
+    """An output with a score floor: its 8-bit range starts there, so every value
+    below it comes out at (about) the floor, and the values above it are rounded
+    finer than with the calibrated min/max range."""
+    model = toy(1, residual=False)
+    x = images(1, 99)[0]
+    with torch.no_grad():  # logits mostly far below zero, like a score map's
+        r = raw_outputs(model, x)[0]
+        model.cls.bias -= r.quantile(0.9)
+        model.cls.bias[:3] -= 10 * r.std()
+    ref = raw_outputs(model, x)[0]
+    floor = float(ref[:, 3:].quantile(0.5))
+    assert floor < 0
+    errs = {}
+    for name, floors in (('minmax', {}), ('floor', {'out0': floor})):
+        path, report = deploy(model, tmp_path, int8_outputs=True, floors=floors)
+        got = torch.from_numpy(run_session(make_session(path, threads=1), x)[0])
+        above = ref > floor + 0.1
+        errs[name] = (got - ref)[above].abs().mean().item()
+        if floors:
+            lo, start, hi = report.floored_outputs['out0']
+            assert lo < floor == start < hi
+            step = (hi - start) / 255
+            assert got.min() >= floor - step  # the zero point's rounding moves it < 1 step
+            below = ref < floor - step
+            assert below.any() and torch.all((got[below] - floor).abs() <= step)
+    print(f'mean |int8 - PyTorch| above the floor: {errs}')
+    assert errs['floor'] < 0.7 * errs['minmax']
 
 
 def test_a_plain_chain_rounds_where_pytorch_does(tmp_path):

@@ -58,7 +58,8 @@ def test_deploy_tool_writes_a_checked_int8_graph(tiny, capsys):
     assert {'QuantizeLinear', 'DequantizeLinear', 'Conv'} <= ops
     assert 'BatchNormalization' not in ops  # folded
     k = integer_kernel_counts(out)
-    assert k['integer_convs'] > 0 and k['conv_integer'] == 0
+    # every conv integer by default, the head output convs included
+    assert k['integer_convs'] > 0 and k['conv_integer'] == 0 and k['float_convs'] == 0
     assert integer_kernel_counts(fp32)['integer_convs'] == 0
     # the int8 file holds int8 codes: well under the float graph
     assert osp.getsize(out) < 0.6 * osp.getsize(fp32)
@@ -81,7 +82,8 @@ def test_ort_static_peer_graph(tiny, capsys):
     ops = {n.op_type for n in onnx.load(out).graph.node}
     assert {'QuantizeLinear', 'DequantizeLinear'} <= ops
     k = integer_kernel_counts(out)
-    assert k['integer_convs'] > 0 and k['conv_integer'] == 0 and k['float_convs'] == 0
+    # every conv integer by default, the head output convs included
+    assert k['integer_convs'] > 0 and k['conv_integer'] == 0 and k['float_convs'] == 0 and k['float_convs'] == 0
     sess = make_session(out)
     x = torch.randn(1, 3, 64, 64)
     assert all(o.size for o in run_session(sess, x))
@@ -130,6 +132,30 @@ def test_hook_runs_the_test_loop(tiny):
     metrics = runner.test()
     assert 'pascal_voc/mAP' in metrics
     assert hasattr(runner.model, 'onnx_session')
+
+
+def test_score_floors(tiny_data, tmp_path):
+    """Sigmoid heads get a floor logit(score_thr / 2) on each level's scores (mmdet
+    drops a prior below score_thr before reading anything else); softmax heads (SSD)
+    and score_thr 0 get none."""
+    import math
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    from mpq_det.deploy.convert import score_floors
+    init_default_scope('mmdet')
+    x = torch.zeros(1, 3, 64, 64)
+    for name, want in (('retinanet_r18q', 0.05), ('fcos_r18q', 0.05), ('ssdlite_mbv2q', None)):
+        cfg = tiny_cfg(f'configs/detectors/{name}_synth_voc.py', tiny_data, str(tmp_path))
+        model = MODELS.build(cfg.model).eval()
+        floors = score_floors(model, x)
+        if want is None:
+            assert floors == {}
+            continue
+        assert model.bbox_head.test_cfg.score_thr == want
+        L = model.bbox_head.prior_generator.num_levels
+        assert floors == {f'out{i}': pytest.approx(math.log(0.025 / 0.975)) for i in range(L)}
+        model.bbox_head.test_cfg.score_thr = 0.0
+        assert score_floors(model, x) == {}
 
 
 def test_two_stage_is_refused(tiny_data, tmp_path):

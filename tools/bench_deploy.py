@@ -9,8 +9,8 @@ memory onnxruntime adds (a fresh process per graph), and the convolutions of the
 optimized graph that run as integer kernels (QLinearConv) or in float. ``--r50``
 adds mmdet's RetinaNet-R50 (random init, quantized W4A8 by our model pass) at mmdet's
 test scale (800x1333, padded to 800x1344), batch 1, with two more int8 graphs: with
-its head outputs requantized too (--int8-outputs of tools/deploy.py), without the
-extra points (what they cost), and onnxruntime's own quantize_static W8A8 of the FP32
+its head output convs float (--float-outputs of tools/deploy.py), without the extra
+points (what they cost), and onnxruntime's own quantize_static W8A8 of the FP32
 graph (tools/deploy.py --ort-static, the optional 4th graph of --graphs); the last line is
 ``int8_speedup=<fp32 median / int8 median>`` for it at 1 thread.
 """

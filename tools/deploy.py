@@ -7,8 +7,10 @@ QUANTIZED.pth is an export made with 8-bit activations:
     python tools/export.py CONFIG FLOAT.pth QUANTIZED.pth --cfg-options custom_hooks.0.act_bits=8
 The graph runs from the preprocessed image batch to the raw head outputs (backbone,
 neck, dense head); test it with ``tools/test.py CONFIG QUANTIZED.pth --onnx model_int8.onnx``.
-It prints what stays float and why, the convs onnxruntime runs as QLinearConv, and
-how far the raw outputs are from PyTorch's: the max relative difference and the
+The convs that make the raw outputs are integer too (the 8-bit range of sigmoid
+scores starts at the score floor, below which mmdet drops the prior anyway);
+--float-outputs keeps them float. It prints what stays float and why, the convs
+onnxruntime runs as QLinearConv, and how far the raw outputs are from PyTorch's: the max relative difference and the
 relative L2 difference (exit code 1 when the latter is above --tol). Both models round
 activations to 8 bits; a value that lands on a rounding boundary in one and not the
 other moves by one step, and such flips multiply with depth, so the max difference of
@@ -34,8 +36,9 @@ def parse_args(argv=None):
     p.add_argument('--ort-static', metavar='OUT',
                    help="onnxruntime's own quantize_static W8A8 (QDQ, per-channel) of the "
                         'FP32 graph, calibrated on the same images (the peer row)')
-    p.add_argument('--int8-outputs', action='store_true',
-                   help='requantize the raw head outputs too (their convs go integer)')
+    p.add_argument('--float-outputs', action='store_true',
+                   help='keep the convs that make the raw head outputs float (no 8-bit '
+                        'rounding of the outputs; slower)')
     p.add_argument('--check-images', type=int, default=4)
     p.add_argument('--calib-images', type=int, help='calibration images of the inserted '
                                                     'requantizations (default: the export\'s)')
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = config_with_options(args.config, args.cfg_options)
     calib = None if args.calib_images is None else dict(num_images=args.calib_images)
-    r = deploy(cfg, args.checkpoint, args.out, args.fp32, args.int8_outputs,
+    r = deploy(cfg, args.checkpoint, args.out, args.fp32, not args.float_outputs,
                args.check_images, calib, args.ort_static)
     if 'int8_max_rel_diff' in r:
         k = r['kernels']

@@ -252,6 +252,30 @@ def raw_outputs(model: nn.Module, inputs: Tensor, data_samples: list | None = No
     return [t.detach().cpu() for t in RawOutputs(_unwrap(model).eval(), samples)(inputs)]
 
 
+def score_floors(model: nn.Module, inputs: Tensor) -> dict[str, float]:
+    """{raw output name: floor} for the sigmoid classification outputs of a one-stage
+    detector's dense head: floor = logit(score_thr / 2) of its ``test_cfg``.
+
+    mmdet keeps a prior only where sigmoid(logit) > score_thr, before anything else
+    reads the scores (``filter_scores_and_topk``), so every logit below the floor is
+    dropped whatever its value: an 8-bit output range clipped there loses no
+    detection and rounds the logits that matter finer. (RetinaNet r18q's range went
+    from [-21.5, 3.0] to [-3.7, 3.0].) Softmax heads (SSD) get none: there every logit
+    moves the others' probabilities."""
+    import math
+    model = _unwrap(model)
+    head = getattr(model, 'bbox_head', None)
+    thr = float(((getattr(head, 'test_cfg', None) or {}).get('score_thr')) or 0.0)
+    if head is None or not getattr(head, 'use_sigmoid_cls', False) or not 0 < thr < 1:
+        return {}
+    with torch.no_grad():
+        out = model(inputs[:1], None, mode='tensor')
+    if not (isinstance(out, (tuple, list)) and isinstance(out[0], (tuple, list))):
+        return {}
+    p = thr / 2
+    return {f'out{i}': math.log(p / (1 - p)) for i in range(len(out[0]))}
+
+
 def is_two_stage(model: nn.Module) -> bool:
     return hasattr(_unwrap(model), 'roi_head')
 

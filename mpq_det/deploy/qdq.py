@@ -22,8 +22,9 @@ How it is built:
    QuantizeLinear: no rounding that PyTorch does not do. Its other consumers (a
    residual Add) then read the same dequantized tensor: that rounding is extra.
    Otherwise a Q/DQ pair with a range calibrated on images is inserted (an extra
-   8-bit rounding), except for the convs that make the raw head outputs: they stay
-   float unless ``int8_outputs``. With ``integer_adds``, a residual Add's identity
+   8-bit rounding). That includes the convs that make the raw head outputs (float
+   with ``int8_outputs=False``); a sigmoid classification output's range starts at
+   its score floor (``convert.score_floors``): below it mmdet drops the prior anyway. With ``integer_adds``, a residual Add's identity
    input reads the next conv's requantized input too, so that the Add is integer.
 5. Extra points, dense convs with few extra rows (issue 11's second option). A
    layer with sum_j n_j > C_out rows is one Conv with the main rows first and the
@@ -73,7 +74,7 @@ from ..export import _unwrap
 from ..modules import QConv2d, QLinear
 from ..qstate import swap_module
 from ..quant.grid import act_qparams
-from .convert import RawOutputs, _folded_weight, is_two_stage, raw_outputs
+from .convert import RawOutputs, _folded_weight, is_two_stage, raw_outputs, score_floors
 
 OPSET = 17
 MAX_SEGMENT_SHIFT = 6  # int8 weights 2^(k_max - k) of the segment-sum conv: up to 64
@@ -100,6 +101,8 @@ class DeployReport:
     convs: list[ConvRecord] = field(default_factory=list)
     other_float_ops: dict[str, int] = field(default_factory=dict)
     requantized_add_inputs: int = 0
+    # raw output -> (calibrated min, range start, max): the score floors applied
+    floored_outputs: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
     @property
     def non_integer(self) -> list[ConvRecord]:
@@ -118,6 +121,9 @@ class DeployReport:
         if self.requantized_add_inputs:
             out.append(f'Add inputs that read the next conv\'s requantized input (an extra '
                        f'8-bit rounding, for integer Adds): {self.requantized_add_inputs}')
+        for t, (lo, floor, hi) in sorted(self.floored_outputs.items()):
+            out.append(f'  output {t} (sigmoid scores): 8-bit range [{floor:.3f}, {hi:.3f}] '
+                       f'(calibrated min {lo:.3f}; below the floor mmdet drops the prior)')
         for c in self.non_integer:
             out.append(f'  float conv {c.name}: {c.reason}')
         if self.other_float_ops:
@@ -395,9 +401,9 @@ class Int8Builder:
     makes the graph without the calibrated requantizations (``calib_tensors`` lists
     what needs a range), ``finish(ranges)`` inserts them."""
 
-    def __init__(self, model: nn.Module, inputs: Tensor, int8_outputs: bool = False,
+    def __init__(self, model: nn.Module, inputs: Tensor, int8_outputs: bool = True,
                  opset: int = OPSET, first_point_only: bool = False,
-                 integer_adds: bool = True):
+                 integer_adds: bool = True, output_floors: dict[str, float] | None = None):
         model = _unwrap(model).eval()
         if is_two_stage(model):
             raise ValueError('the int8 ONNX graph covers one-stage detectors (backbone, '
@@ -409,6 +415,7 @@ class Int8Builder:
             raise ValueError('the model has no quantized layers: give a quantized export '
                              '(tools/export.py ... --cfg-options custom_hooks.0.act_bits=8)')
         self.int8_outputs = int8_outputs
+        self.output_floors = output_floors or {}  # raw output -> lowest value that matters
         self.first_point_only = first_point_only
         self.integer_adds = integer_adds
         self.G = _Graph(torch_to_onnx(float_twin(model), inputs, False, opset))
@@ -575,7 +582,7 @@ class Int8Builder:
                       'padding rows')
         if final:
             rec.integer, rec.output_q = False, 'float'
-            rec.reason += '; makes a raw head output, kept float (int8_outputs=True quantizes it)'
+            rec.reason += '; makes a raw head output, kept float (int8_outputs=False)'
             return
         self.calib[raw] = ('rows', unit)
         if 'seg_out' in lay:  # the integer segment sum's own output scale
@@ -630,7 +637,7 @@ class Int8Builder:
                       'zero rows)')
         if final:
             rec.integer, rec.output_q = False, 'float'
-            rec.reason += '; makes a raw head output, kept float (int8_outputs=True quantizes it)'
+            rec.reason += '; makes a raw head output, kept float (int8_outputs=False)'
         else:
             rec.output_q = 'calibrated'
             self._sums.append((y, rec))
@@ -742,7 +749,7 @@ class Int8Builder:
             cons = G.consumers(t)
         if not G.descendants_have(t, 'Conv') and not self.int8_outputs:
             rec.integer, rec.output_q = False, 'float'
-            rec.reason = 'makes a raw head output, kept float (int8_outputs=True quantizes it)'
+            rec.reason = 'makes a raw head output, kept float (int8_outputs=False)'
             return
         act_q = {v[0]: v[1] for v in self._act_q.values()}
         mine = [nd for nd in cons if nd.name in act_q]
@@ -778,7 +785,11 @@ class Int8Builder:
         if missing:
             raise ValueError(f'no calibrated range for {missing[:3]}')
         for t, (kind, obj) in self.calib.items():
-            scale, zero = act_qparams(*ranges[t], 8, False)
+            lo, hi = ranges[t]
+            if t in self.output_floors:  # clipped values are dropped by mmdet anyway
+                lo = min(max(lo, self.output_floors[t]), hi)
+                self.report.floored_outputs[t] = (ranges[t][0], lo, hi)
+            scale, zero = act_qparams(lo, hi, 8, False)
             s = G.init('y_scale', np.array(scale, np.float32))
             z = G.init('y_zero', np.array(zero, np.uint8))
             if kind == 'rows':
@@ -894,13 +905,17 @@ def compact(proto) -> None:
 
 
 def build_int8_onnx(model: nn.Module, example: Tensor, calib_batches: list[Tensor],
-                    int8_outputs: bool = False, opset: int = OPSET,
+                    int8_outputs: bool = True, opset: int = OPSET,
                     first_point_only: bool = False, integer_adds: bool = True):
     """(onnx.ModelProto, DeployReport) of the int8 QDQ graph of ``model`` (a quantized
     one-stage detector with act_bits=8). ``calib_batches``: preprocessed images whose
     ranges set the inserted requantizations. ``first_point_only`` drops the extra
-    points (a benchmark of their cost, not a model to use)."""
-    b = Int8Builder(model, example, int8_outputs, opset, first_point_only, integer_adds)
+    points (a benchmark of their cost, not a model to use). ``int8_outputs=False``
+    keeps the convs that make the raw head outputs float (no 8-bit rounding of the
+    outputs, at the price of float convs over the largest maps)."""
+    floors = score_floors(model, example) if int8_outputs else {}
+    b = Int8Builder(model, example, int8_outputs, opset, first_point_only, integer_adds,
+                    floors)
     names = b.build()
     ranges = tensor_ranges(b.G.proto(), names, calib_batches) if names else {}
     proto = b.finish(ranges)
