@@ -248,6 +248,58 @@ def test_a_plain_chain_rounds_where_pytorch_does(tmp_path):
     assert d <= TOL_CHAIN
 
 
+def weight_codes(g, conv, stored: bool = False):
+    """The int8 codes of a Conv node's weight: DequantizeLinear of an int8
+    initializer, or of the Cast of an INT4 one (``stored``: 'INT4' or 'INT8')."""
+    from onnx import TensorProto, numpy_helper
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    src = producers[conv.input[1]].input[0]
+    if src in producers:
+        cast = producers[src]
+        assert cast.op_type == 'Cast' and cast.attribute[0].i == TensorProto.INT8
+        src = cast.input[0]
+    if stored:
+        return TensorProto.DataType.Name(inits[src].data_type)
+    return numpy_helper.to_array(inits[src]).astype(np.int8)
+
+
+@pytest.mark.parametrize('bits', [4, 8])
+def test_low_bit_codes_stored_as_int4(bits, tmp_path):
+    """Codes in [-8, 7] (W2-W4) are INT4 initializers, two per byte, cast to int8 at
+    load; wider codes stay int8. Same codes, same outputs, same integer kernels."""
+    import onnx
+    torch.manual_seed(0)
+    model = Toy().eval()
+    random_bn(model, gen(1))
+    model = quantize(model, images(4, 2), bits=bits, max_points=2)
+    calib = images(4, 2)
+    paths, graphs = {}, {}
+    for int4 in (True, False):
+        proto, _ = build_int8_onnx(model, calib[0], calib, int4=int4)
+        paths[int4] = str(tmp_path / f'int4_{int4}.onnx')
+        onnx.save(proto, paths[int4])
+        graphs[int4] = proto.graph
+    convs = {k: [n for n in g.node if n.op_type == 'Conv' and n.input[1]]
+             for k, g in graphs.items()}
+    n_int4 = 0
+    for a, b in zip(*convs.values()):
+        ca, cb = weight_codes(graphs[True], a), weight_codes(graphs[False], b)
+        assert np.array_equal(ca, cb)
+        n_int4 += weight_codes(graphs[True], a, stored=True) == 'INT4'
+    x = images(1, 99)[0]
+    out = {k: run_session(make_session(p, threads=1), x) for k, p in paths.items()}
+    assert all(np.array_equal(u, v) for u, v in zip(out[True], out[False]))
+    assert integer_kernel_counts(paths[True]) == integer_kernel_counts(paths[False])
+    import os.path as osp
+    size = {k: osp.getsize(p) for k, p in paths.items()}
+    print(f'W{bits}: file {size}')
+    if bits == 4:
+        assert size[True] < 0.8 * size[False]
+    else:
+        assert size[True] == size[False]
+
+
 def test_depthwise_multipoint_stays_depthwise(tmp_path):
     """A depthwise conv with extra points becomes one depthwise conv per point level
     (onnxruntime's depthwise kernel), never a conv with several rows per group."""
@@ -257,13 +309,11 @@ def test_depthwise_multipoint_stays_depthwise(tmp_path):
     assert int(model.dw[0].npoints.max()) == 3
     path, report = deploy(model, tmp_path)
     g = onnx.load(path).graph
-    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
     grouped = [n for n in g.node if n.op_type == 'Conv' and
                any(a.name == 'group' and a.i > 1 for a in n.attribute)]
     assert len(grouped) == 3
     for n in grouped:
-        w = inits[producers[n.input[1]].input[0]]  # DequantizeLinear of int8 codes
+        w = weight_codes(g, n)
         assert w.dtype == np.int8 and w.shape[:2] == (16, 1)
     rec = next(c for c in report.convs if c.name == 'dw.0')
     assert rec.integer and 'point levels' in rec.reason

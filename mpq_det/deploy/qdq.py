@@ -76,7 +76,7 @@ from ..qstate import swap_module
 from ..quant.grid import act_qparams
 from .convert import RawOutputs, _folded_weight, is_two_stage, raw_outputs, score_floors
 
-OPSET = 17
+OPSET = 21  # INT4 initializers (and Cast from them) need opset 21
 MAX_SEGMENT_SHIFT = 6  # int8 weights 2^(k_max - k) of the segment-sum conv: up to 64
 # multiply-adds that one element read or written by an Add/Slice costs (memory-bound
 # ops against int8 GEMMs, roughly, on this machine's CPU provider)
@@ -214,6 +214,19 @@ class _Graph:
         from onnx import numpy_helper
         name = self.uniq(base)
         self.g.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def init_int4(self, base: str, codes: np.ndarray) -> str:
+        """An INT4 initializer of integer ``codes`` in [-8, 7] (two's complement
+        nibbles, the first element in the low nibble: ONNX's packing)."""
+        from onnx import TensorProto
+        name = self.uniq(base)
+        nib = (codes.astype(np.int8).ravel() & 0xF).astype(np.uint8)
+        if nib.size % 2:
+            nib = np.append(nib, np.uint8(0))
+        t = TensorProto(name=name, data_type=TensorProto.INT4, dims=codes.shape,
+                        raw_data=(nib[0::2] | (nib[1::2] << 4)).tobytes())
+        self.g.initializer.append(t)
         return name
 
     def set_init(self, name: str, arr: np.ndarray) -> None:
@@ -403,7 +416,8 @@ class Int8Builder:
 
     def __init__(self, model: nn.Module, inputs: Tensor, int8_outputs: bool = True,
                  opset: int = OPSET, first_point_only: bool = False,
-                 integer_adds: bool = True, output_floors: dict[str, float] | None = None):
+                 integer_adds: bool = True, output_floors: dict[str, float] | None = None,
+                 int4: bool = True):
         model = _unwrap(model).eval()
         if is_two_stage(model):
             raise ValueError('the int8 ONNX graph covers one-stage detectors (backbone, '
@@ -417,6 +431,7 @@ class Int8Builder:
         self.int8_outputs = int8_outputs
         self.output_floors = output_floors or {}  # raw output -> lowest value that matters
         self.first_point_only = first_point_only
+        self.int4 = int4  # codes in [-8, 7] stored as INT4 (W2-W4); else int8
         self.integer_adds = integer_adds
         self.G = _Graph(torch_to_onnx(float_twin(model), inputs, False, opset))
         self.report = DeployReport()
@@ -539,9 +554,16 @@ class Int8Builder:
         key = hashlib.sha1(codes.tobytes() + w_scales.tobytes() + bias.tobytes() +
                            str(codes.shape).encode()).hexdigest()
         if key not in self._weights_seen:
+            w = G.init('w_int8', codes)
+            if self.int4 and codes.min() >= -8 and codes.max() <= 7:
+                # 4-bit codes stored as INT4 (two per byte) and cast to int8 once:
+                # onnxruntime folds the Cast at load, then fuses DQ -> Conv -> Q
+                from onnx import TensorProto
+                w = G.node('Cast', [G.init_int4('w_int4', codes)], to=TensorProto.INT8
+                           ).output[0]
             # no zero point inputs (optional, 0 by default): 1 byte per row less
-            wdq = G.node('DequantizeLinear', [G.init('w_int8', codes),
-                                              G.init('w_scale', w_scales)], axis=0).output[0]
+            wdq = G.node('DequantizeLinear', [w, G.init('w_scale', w_scales)],
+                         axis=0).output[0]
             self._weights_seen[key] = (wdq, G.init('bias', bias))
         return (*self._weights_seen[key], w_scales)
 
@@ -863,26 +885,31 @@ def compact(proto) -> None:
     """Short names for the tensors and initializers, names kept on Conv nodes only,
     Constant nodes as initializers, equal initializers stored once. Names are no part
     of the computation, but torch.onnx's long ones took 8% of SSDLite's int8 file."""
-    from onnx import numpy_helper
+    from onnx import TensorProto, numpy_helper
     g = proto.graph
     keep = {i.name for i in g.input} | {o.name for o in g.output}
     rename: dict[str, str] = {}
     shared: dict[tuple, str] = {}  # content -> initializer: equal tensors stored once
     inits = []
 
-    def share(arr: np.ndarray) -> str:
-        key = (arr.dtype.str, arr.shape, arr.tobytes())
+    def share(t) -> str:
+        t = copy.deepcopy(t)
+        t.name = ''
+        if not t.HasField('raw_data') and t.data_type not in (TensorProto.INT4,
+                                                               TensorProto.UINT4):
+            t = numpy_helper.from_array(numpy_helper.to_array(t))  # one encoding
+        key = t.SerializeToString()
         if key not in shared:
-            shared[key] = f'_i{len(shared):x}'
-            inits.append(numpy_helper.from_array(arr, shared[key]))
+            shared[key] = t.name = f'_i{len(shared):x}'
+            inits.append(t)
         return shared[key]
     for t in g.initializer:
-        rename[t.name] = share(numpy_helper.to_array(t))
+        rename[t.name] = share(t)
     nodes = []
     for nd in g.node:
         if nd.op_type == 'Constant' and [a.name for a in nd.attribute] == ['value'] \
                 and nd.output[0] not in keep:
-            rename[nd.output[0]] = share(numpy_helper.to_array(nd.attribute[0].t))
+            rename[nd.output[0]] = share(nd.attribute[0].t)
             continue
         nodes.append(nd)
     del g.initializer[:]
@@ -906,7 +933,8 @@ def compact(proto) -> None:
 
 def build_int8_onnx(model: nn.Module, example: Tensor, calib_batches: list[Tensor],
                     int8_outputs: bool = True, opset: int = OPSET,
-                    first_point_only: bool = False, integer_adds: bool = True):
+                    first_point_only: bool = False, integer_adds: bool = True,
+                    int4: bool = True):
     """(onnx.ModelProto, DeployReport) of the int8 QDQ graph of ``model`` (a quantized
     one-stage detector with act_bits=8). ``calib_batches``: preprocessed images whose
     ranges set the inserted requantizations. ``first_point_only`` drops the extra
@@ -915,7 +943,7 @@ def build_int8_onnx(model: nn.Module, example: Tensor, calib_batches: list[Tenso
     outputs, at the price of float convs over the largest maps)."""
     floors = score_floors(model, example) if int8_outputs else {}
     b = Int8Builder(model, example, int8_outputs, opset, first_point_only, integer_adds,
-                    floors)
+                    floors, int4)
     names = b.build()
     ranges = tensor_ranges(b.G.proto(), names, calib_batches) if names else {}
     proto = b.finish(ranges)
