@@ -23,7 +23,7 @@ from .model_pass import (QUANTIZABLE, QuantResult, QuantSettings, StatsCollector
 from .qstate import apply_quantized_state, quantized_state
 from .quant import BUDGET_ON, DEFAULT_FORM, FORMS, check_bits
 from .quant.allocation import BY
-from .quant.multipoint import FB_MODES
+from .quant.multipoint import FB_MODES, POINT_SCALES
 from .report import format_report, plot_report
 
 
@@ -85,7 +85,10 @@ class MultipointQuantHook(Hook):
     ``sequential`` (calibrate stage by stage on the inputs that the quantized stages
     before give, against the floating-point outputs; True: the backbone's blocks,
     the neck and each head are stages, 'components': the backbone, the neck, each
-    head; see ``quantize_model_sequential``).
+    head; see ``quantize_model_sequential``) and ``point_scales`` ('free', or
+    'pow2': a channel's further points at power-of-two fractions of its first
+    point's scale, so that on int8 hardware they merge into one int8 row and cost no
+    extra compute; see ``tools/deploy.py``).
 
     It quantizes in ``before_test`` (and ``before_val`` of a standalone
     ``runner.val()``), i.e. after the checkpoint is loaded. Validation during training
@@ -106,14 +109,14 @@ class MultipointQuantHook(Hook):
                  feedback_mode: str = 'joint', feedback_order: bool = True,
                  budget_on: str = 'both', bias_correction: bool = False,
                  rank_points_by: str = 'output', sequential: bool | str = False,
-                 **unknown: Any) -> None:
+                 point_scales: str = 'free', **unknown: Any) -> None:
         if unknown:
             raise ValueError(
                 f'MultipointQuantHook got unknown argument(s) {sorted(unknown)}; allowed: '
                 f'bits, method, budget, allocation, max_points, components, skip, '
                 f'act_bits, calib, export, report, h_form, layer_bits, error_feedback, '
                 f'feedback_points, feedback_mode, feedback_order, budget_on, '
-                f'bias_correction, rank_points_by, sequential')
+                f'bias_correction, rank_points_by, sequential, point_scales')
         self.error_feedback = _flag(error_feedback, 'error_feedback')
         if isinstance(feedback_points, bool) or not isinstance(feedback_points, int) \
                 or feedback_points < 1:
@@ -139,6 +142,7 @@ class MultipointQuantHook(Hook):
         self.calib = self._parse_calib(calib)
         self.h_form = _choice(h_form, 'h_form', tuple(FORMS))
         self.rank_points_by = _choice(rank_points_by, 'rank_points_by', BY)
+        self.point_scales = _choice(point_scales, 'point_scales', POINT_SCALES)
         if not (isinstance(sequential, bool) or sequential == 'components'):
             raise ValueError(f'sequential={sequential!r} is not allowed; choose one of '
                              f'{SEQUENTIAL}')
@@ -206,7 +210,8 @@ class MultipointQuantHook(Hook):
                     feedback_points=self.feedback_points,
                     feedback_mode=self.feedback_mode, feedback_order=self.feedback_order,
                     budget_on=self.budget_on, bias_correction=self.bias_correction,
-                    rank_points_by=self.rank_points_by, sequential=self.sequential)
+                    rank_points_by=self.rank_points_by, sequential=self.sequential,
+                    point_scales=self.point_scales)
 
     @staticmethod
     def _notes(plans) -> list[str]:
@@ -296,7 +301,7 @@ class MultipointQuantHook(Hook):
                       feedback_points=self.feedback_points, feedback_mode=self.feedback_mode,
                       feedback_order=self.feedback_order, budget_on=self.budget_on,
                       bias_correction=self.bias_correction,
-                      rank_points_by=self.rank_points_by)
+                      rank_points_by=self.rank_points_by, point_scales=self.point_scales)
         if self.sequential:
             split = self.sequential is True
             result = quantize_model_sequential(

@@ -22,6 +22,7 @@ from .quant import (BUDGET_ON, DEFAULT_FORM, InputStats, QuantizedWeight, check_
                     check_budget, check_max_points, conv_patches, linear_rows,
                     multipoint_quantize, mse_qw, ocs, quantize_points, rtn_qw)
 from .quant.grid import check_choice, torch_threads
+from .quant.multipoint import POINT_SCALES
 from .quant.levels import expanded_rows
 
 METHODS = ('multipoint', 'rtn', 'mse', 'ocs')
@@ -280,7 +281,8 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
                    seed: int = 0, error_feedback: bool = False, feedback_points: int = 4,
                    budget_on: str = 'both', feedback_mode: str = 'joint',
                    feedback_order: bool = True, bias_correction: bool = False,
-                   rank_points_by: str = 'output') -> QuantResult:
+                   rank_points_by: str = 'output', point_scales: str = 'free'
+                   ) -> QuantResult:
     """Quantizes the planned layers in place and returns the per-layer report rows.
 
     ``error_feedback``: error feedback on 1..``feedback_points`` points of every
@@ -293,10 +295,13 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
     points keep ('memory', 'compute' or 'both', see ``mpq_det.quant.allocate``).
     ``rank_points_by`` decides where extra points go: 'output' (the method: largest
     drop of output error), or, for the ablation, 'weight' (weight error) or 'random'.
+    ``point_scales`` 'pow2': a channel's further points have power-of-two scale
+    ratios to its first, so that on int8 hardware they merge into one int8 row
+    (``mpq_det.quant.greedy_multipoint``); 'free' (the default): any scale.
     """
     t0 = time.perf_counter()
     opts = _PassOptions(seed, error_feedback, feedback_points, budget_on, feedback_mode,
-                        feedback_order, rank_points_by)
+                        feedback_order, rank_points_by, point_scales)
     n_images = num_images(stats) if stats else 1
     qws, errs = _quantize_layers(plans, stats, n_images, opts)
     res = QuantResult()
@@ -316,9 +321,11 @@ class _PassOptions:
     feedback_mode: str = 'joint'
     feedback_order: bool = True
     rank_points_by: str = 'output'
+    point_scales: str = 'free'
 
     def __post_init__(self):
         check_choice(self.budget_on, 'budget_on', BUDGET_ON)
+        check_choice(self.point_scales, 'point_scales', POINT_SCALES)
 
 
 def _quantize_layers(plans: list[LayerPlan], stats: dict[str, LayerStats] | None,
@@ -353,12 +360,13 @@ def _quantize_layers(plans: list[LayerPlan], stats: dict[str, LayerStats] | None
                 Ws, Hs, [p.settings.bits for p in members], s.budget, s.allocation,
                 s.max_points, by=o.rank_points_by, seed=o.seed, positions=pos,
                 budget_on=o.budget_on, feedbacks=fbs, fb_points=o.feedback_points,
-                fb_mode=o.feedback_mode)
+                fb_mode=o.feedback_mode, pow2=o.point_scales == 'pow2')
         else:
             with torch_threads(1):   # as multipoint_quantize: one thread is fastest here
                 out, pss = zip(*[quantize_points(
                     W, H, p.settings.bits, npoints[p.name], s.max_points, fb,
-                    o.feedback_points, o.feedback_mode) for p, W, H, fb in
+                    o.feedback_points, o.feedback_mode, pow2=o.point_scales == 'pow2')
+                    for p, W, H, fb in
                     zip(members, Ws, Hs, fbs)])
         for p, qw, ps in zip(members, out, pss):
             qws[p.name] = (qw, None)
@@ -394,6 +402,7 @@ def quantize_model_sequential(model: nn.Module, plans: list[LayerPlan],
                               feedback_points: int = 4, budget_on: str = 'both',
                               feedback_mode: str = 'joint', feedback_order: bool = True,
                               bias_correction: bool = False, rank_points_by: str = 'output',
+                              point_scales: str = 'free',
                               unpaired: Callable[[str], bool] = lambda stage: False
                               ) -> QuantResult:
     """Sequential statistics: quantizes ``plans`` stage by stage in forward order,
@@ -423,7 +432,7 @@ def quantize_model_sequential(model: nn.Module, plans: list[LayerPlan],
     forwards; ``calib_passes`` counts them.
     """
     o = _PassOptions(seed, error_feedback, feedback_points, budget_on, feedback_mode,
-                     feedback_order, rank_points_by)
+                     feedback_order, rank_points_by, point_scales)
     copts = dict(collector or {}, feedback=error_feedback)
     stages: list[str] = []
     for p in plans:

@@ -64,7 +64,7 @@ def random_bn(model: nn.Module, g: torch.Generator) -> None:
 
 
 def quantize(model: nn.Module, batches: list, bits: int = 4, max_points: int = 1,
-             seed: int = 0, skip=()) -> nn.Module:
+             seed: int = 0, skip=(), pow2: bool = False) -> nn.Module:
     """W{bits}A8: each conv's points from greedy_multipoint (1..max_points per channel,
     random counts), its input range from the float model on ``batches``."""
     ranges = {}
@@ -86,7 +86,7 @@ def quantize(model: nn.Module, batches: list, bits: int = 4, max_points: int = 1
     g = gen(seed)
     for name, m in convs:
         W = m.weight.detach().reshape(m.out_channels, -1)
-        ps = greedy_multipoint(W, None, bits, max_points)
+        ps = greedy_multipoint(W, None, bits, max_points, pow2=pow2)
         n = torch.randint(1, max_points + 1, (m.out_channels,), generator=g)
         q = QConv2d.from_float(m, select_points(ps, n), act_bits=8)
         q.set_act_range(*ranges[name])
@@ -99,12 +99,13 @@ def images(n: int, seed: int, size=(40, 48)) -> list:
     return [torch.randn(2, 3, *size, generator=g) for _ in range(n)]
 
 
-def toy(max_points: int, residual: bool = True, seed: int = 0, skip=()) -> nn.Module:
+def toy(max_points: int, residual: bool = True, seed: int = 0, skip=(),
+        pow2: bool = False) -> nn.Module:
     torch.manual_seed(seed)
     model = Toy(residual).eval()
     random_bn(model, gen(seed + 1))
     return quantize(model, images(4, seed + 2), max_points=max_points, seed=seed,
-                    skip=skip)
+                    skip=skip, pow2=pow2)
 
 
 def conv_nodes(model, exclude=(), only=None) -> int:
@@ -234,6 +235,32 @@ def test_score_floor_rounds_the_scores_that_matter_finer(tmp_path):
             assert below.any() and torch.all((got[below] - floor).abs() <= step)
     print(f'mean |int8 - PyTorch| above the floor: {errs}')
     assert errs['floor'] < 0.7 * errs['minmax']
+
+
+def test_pow2_points_run_as_one_int8_row(tmp_path):
+    """Points with power-of-two scale ratios (point_scales='pow2') merge into one
+    int8 row per channel: the graph has the one-point graph's convs (no extra rows,
+    levels or sums), matches PyTorch, and its merged codes exceed 4 bits."""
+    import onnx
+    model = toy(2, pow2=True)
+    assert max(int(m.npoints.max()) for m in model.modules() if isinstance(m, QConv2d)) == 2
+    path, report = deploy(model, tmp_path, int8_outputs=True)
+    assert compare(model, path) <= TOL
+    extra = sum(int(m.npoints.sum()) - m.out_channels for m in model.modules()
+                if isinstance(m, QConv2d))
+    assert sum(c.merged for c in report.convs) == extra
+    assert all(c.rows == c.out_channels for c in report.convs)
+    counts = integer_kernel_counts(path)
+    n_layers = sum(isinstance(m, QConv2d) for m in model.modules())
+    assert counts['integer_convs'] == n_layers and counts['float_convs'] == 0
+    assert any('merged' in line for line in report.lines())
+    g = onnx.load(path).graph
+    assert max(int(np.abs(weight_codes(g, n)).max()) for n in g.node
+               if n.op_type == 'Conv') > 8
+    # free scales on the same layers: extra rows (or levels) to run
+    free = toy(2)
+    _, rep_free = deploy(free, tmp_path, int8_outputs=True)
+    assert sum(c.rows > c.out_channels for c in rep_free.convs) > 0
 
 
 def test_a_plain_chain_rounds_where_pytorch_does(tmp_path):

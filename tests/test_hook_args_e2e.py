@@ -242,3 +242,21 @@ def test_sequential(base_cfg, tmp_path):
         assert summ[k] <= 0.05 + 1e-6
     with pytest.raises(ValueError, match='sequential'):
         run(base_cfg, tmp_path, 'seq_bad', sequential='blocks')
+
+
+def test_point_scales_pow2(base_cfg, tmp_path):
+    """point_scales='pow2': every extra point is a power-of-two fraction of its
+    channel's previous one, so the points merge into int8 rows (deployment runs them
+    at no extra compute); the budget is kept as with free scales."""
+    from mpq_det.deploy.qdq import merged_points
+    _, m, rep = run(base_cfg, tmp_path, 'pow2', bits=3, budget=0.05, point_scales='pow2')
+    assert rep['summary']['settings']['point_scales'] == 'pow2'
+    extra = merged = 0
+    for layer in qlayers(m).values():
+        extra += int(layer.npoints.sum()) - layer.out_channels
+        merged += merged_points(layer)[1]
+    assert extra > 0 and merged >= 0.95 * extra, (merged, extra)
+    for k in ('memory_overhead', 'compute_overhead'):
+        assert rep['summary'][k] <= 0.05 + 1e-6
+    with pytest.raises(ValueError, match='point_scales'):
+        run(base_cfg, tmp_path, 'pow2_bad', point_scales='int8')

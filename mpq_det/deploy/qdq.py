@@ -50,7 +50,8 @@ How it is built:
 7. The sum of a multipoint layer's rows is requantized like a one-point conv's
    output (step 4), so that its Add and a residual Add after it run as QLinearAdd
    (float, they took a quarter of RetinaNet-R50's time): one more 8-bit rounding
-   where no quantized conv reads it directly.
+   where no quantized conv reads it directly. Not for a raw head output, whose sum
+   nothing integer reads: there it is a float Add.
 8. File size: weight DequantizeLinears without zero points (0 by default), float
    biases holding the int32-grid values (onnxruntime quantizes a QDQ conv's float
    bias to int32 itself: 4 bytes per row instead of an int32 and its scale), no
@@ -74,6 +75,7 @@ from ..export import _unwrap
 from ..modules import QConv2d, QLinear
 from ..qstate import swap_module
 from ..quant.grid import act_qparams
+from ..quant.multipoint import merge_pow2
 from .convert import RawOutputs, _folded_weight, is_two_stage, raw_outputs, score_floors
 
 OPSET = 21  # INT4 initializers (and Cast from them) need opset 21
@@ -92,6 +94,7 @@ class ConvRecord:
     rows: int = 0             # conv output rows (main + extra + padding)
     out_channels: int = 0
     groups: int = 1
+    merged: int = 0           # extra points merged into int8 rows (power-of-two scales)
     output_q: str = ''        # 'next layer' | 'calibrated' | 'float'
     reason: str = ''          # why it is not integer (or what it costs)
 
@@ -118,6 +121,11 @@ class DeployReport:
                    f'{sum(c.output_q == "next layer" for c in self.convs)}, at a calibrated '
                    f'scale (an extra 8-bit rounding): {calib}, multipoint layers (extra rows): '
                    f'{extra}')
+        merged = sum(c.merged for c in self.convs)
+        if merged:
+            out.append(f'extra points merged into int8 rows (power-of-two scale ratios, no '
+                       f'extra compute): {merged}, in {sum(c.merged > 0 for c in self.convs)} '
+                       'conv nodes')
         if self.requantized_add_inputs:
             out.append(f'Add inputs that read the next conv\'s requantized input (an extra '
                        f'8-bit rounding, for integer Adds): {self.requantized_add_inputs}')
@@ -313,6 +321,35 @@ def _fold_batchnorms(G: _Graph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 # ------------------------------------------------------------------ multipoint rows
+def merged_points(q: QConv2d) -> tuple[QConv2d, int]:
+    """(``q`` with each channel's leading power-of-two chain of points merged into
+    one int8 row (``quant.merge_pow2``: exact), the number of extra points merged).
+    Such points cost nothing on int8 hardware: the row is one int8 weight row. ``q``
+    itself when none merges (``point_scales='free'`` exports almost never do)."""
+    npts = q.npoints.cpu()
+    if int(npts.max()) == 1:
+        return q, 0
+    codes, scales = q.codes.cpu(), q.scales.cpu()
+    start = (torch.cumsum(npts, 0) - npts).tolist()
+    out_c, out_s, out_n, merged = [], [], [], 0
+    for j, n in enumerate(npts.tolist()):
+        s, c = scales[start[j]:start[j] + n], codes[start[j]:start[j] + n]
+        if n > 1:
+            s, c, m = merge_pow2(s, c)
+            merged += m - 1
+        out_c.append(c)
+        out_s.append(s)
+        out_n.append(s.numel())
+    if not merged:
+        return q, 0
+    view = copy.copy(q)
+    view._buffers = dict(q._buffers)
+    view.codes = torch.cat(out_c).to(torch.int8)
+    view.scales = torch.cat(out_s).float()
+    view.npoints = torch.tensor(out_n, dtype=torch.int64)
+    return view, merged
+
+
 def row_layout(q: QConv2d, first_point_only: bool = False) -> dict:
     """Rows of the deployed conv: per group, the group's main rows (one per channel,
     the channel's first point), then its extra rows, then zero rows up to the largest
@@ -571,6 +608,8 @@ class Int8Builder:
         G = self.G
         C = q.out_channels
         m = np.ones(C) if mult is None else mult
+        if not self.first_point_only:
+            q, rec.merged = merged_points(q)
         b = (np.zeros(C) if q.bias is None else q.bias.detach().cpu().double().numpy()) \
             if bias is None else bias
         x_scale = float(q.act_scale)
@@ -772,6 +811,11 @@ class Int8Builder:
         if not G.descendants_have(t, 'Conv') and not self.int8_outputs:
             rec.integer, rec.output_q = False, 'float'
             rec.reason = 'makes a raw head output, kept float (int8_outputs=False)'
+            return
+        if multipoint and not G.descendants_have(t, 'Conv'):
+            # a raw head output: its requantized parts are added in float, and no
+            # integer op reads the sum, so rounding it would only add error
+            rec.reason += '; a raw head output: the sum of its parts stays float'
             return
         act_q = {v[0]: v[1] for v in self._act_q.values()}
         mine = [nd for nd in cons if nd.name in act_q]

@@ -8,10 +8,11 @@ from .levels import LevelRows, expanded_rows, point_levels
 from .grid import (check_bits, check_budget, check_max_points, check_weight, qmax,
                    round_to_grid)
 from .multipoint import (DEFAULT_LLOYD, DEFAULT_N_CANDIDATES, DEFAULT_N_REFINE,
-                         PointSet, QuantizedWeight,
+                         POINT_SCALES, PointSet, QuantizedWeight,
                          default_ratios, extend_points, feedback_step, from_single,
                          greedy_multipoint, greedy_step, joint_feedback,
-                         quantize_points, residual, select_points)
+                         merge_pow2, pow2_room, quantize_points, residual,
+                         select_points)
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from .stats import (DEFAULT_FORM, DEFAULT_FORM_OPTS, FEEDBACK_MAX_D, FORMS, BlockH,
                     DiagH, ExactH, HForm, IdentityH, InputStats, LowRankH, conv_patches,
@@ -28,6 +29,7 @@ __all__ = [
     'check_max_points', 'check_weight', 'qmax', 'round_to_grid',
     'DEFAULT_N_CANDIDATES', 'DEFAULT_N_REFINE', 'DEFAULT_LLOYD', 'PointSet', 'QuantizedWeight', 'default_ratios',
     'extend_points', 'from_single', 'greedy_multipoint', 'greedy_step', 'quantize_points',
+    'POINT_SCALES', 'merge_pow2', 'pow2_room',
     'residual',
     'select_points', 'pack_codes', 'packed_nbytes', 'unpack_codes', 'DEFAULT_FORM',
     'DEFAULT_FORM_OPTS', 'FORMS', 'BlockH', 'DiagH', 'ExactH', 'HForm', 'IdentityH',

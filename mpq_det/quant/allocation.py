@@ -352,7 +352,7 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
                         n_refine: int = DEFAULT_N_REFINE, lloyd: int = DEFAULT_LLOYD,
                         positions: list[float] | None = None, budget_on: str = 'both',
                         feedbacks: list[Feedback | None] | None = None,
-                        fb_points: int = 4, fb_mode: str = 'joint'
+                        fb_points: int = 4, fb_mode: str = 'joint', pow2: bool = False
                         ) -> tuple[list[QuantizedWeight], list[PointSet]]:
     """Greedy points + allocation for layers sharing one budget.
 
@@ -364,7 +364,8 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
     ``positions`` (output positions per image per layer) and ``budget_on``: see
     ``allocate``; the groups of each layer come from its HForm. ``feedbacks``: a
     ``Feedback`` per layer (or None) for error feedback on 1..``fb_points`` points
-    per channel, in mode ``fb_mode`` (see ``greedy_multipoint``).
+    per channel, in mode ``fb_mode`` (see ``greedy_multipoint``). ``pow2``:
+    power-of-two scale ratios within a channel (``greedy_multipoint``).
 
     ``num_threads``: torch intra-op threads during the pass (restored after);
     None keeps the current setting. The default 1 is deliberate: the work is many
@@ -374,14 +375,15 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
     """
     args = (weights, hforms, bits, budget, allocation, max_points, by, n_candidates,
             refit, seed, lazy, min_ratio, n_refine, lloyd, positions, budget_on,
-            feedbacks, fb_points, fb_mode)
+            feedbacks, fb_points, fb_mode, pow2)
     with torch_threads(num_threads):
         return _multipoint_quantize(*args)
 
 
 def _multipoint_quantize(weights, hforms, bits, budget, allocation, max_points, by,
                          n_candidates, refit, seed, lazy, min_ratio, n_refine,
-                         lloyd, positions, budget_on, feedbacks, fb_points, fb_mode):
+                         lloyd, positions, budget_on, feedbacks, fb_points, fb_mode,
+                         pow2=False):
     budget = check_budget(budget)
     max_points = check_max_points(max_points)
     check_choice(allocation, 'allocation', MODES)
@@ -400,7 +402,7 @@ def _multipoint_quantize(weights, hforms, bits, budget, allocation, max_points, 
     mixed = len(set(bl)) > 1
     first = 1 if (budget == 0 or lazy) else max_points
     pss = [greedy_multipoint(W, H, b, max_points, n_candidates, refit, first,
-                             min_ratio, n_refine, lloyd, fb, fb_points, fb_mode)
+                             min_ratio, n_refine, lloyd, fb, fb_points, fb_mode, pow2)
            for W, H, b, fb in zip(weights, hforms, bl, feedbacks)]
     groups = [1 if H is None else H.groups for H in hforms]
     extra = dict(bits=bl if mixed else None, positions=positions, groups=groups,

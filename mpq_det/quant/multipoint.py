@@ -27,6 +27,7 @@ allocation wants to give more.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,7 @@ DEFAULT_N_CANDIDATES = 16
 DEFAULT_N_REFINE = 8     # fine candidates around the best coarse ratio
 DEFAULT_LLOYD = 1        # re-rounding passes with the refitted scale
 FB_MODES = ('joint', 'first')
+POINT_SCALES = ('free', 'pow2')
 # Smallest candidate ratio rho (scale relative to the min-max scale) per bit width.
 DEFAULT_MIN_RATIO = {2: 0.15, 3: 0.25}
 DEFAULT_MIN_RATIO_HIGH = 0.35
@@ -217,10 +219,72 @@ def _check_feedback(W: Tensor, H: HForm, feedback: Feedback | None) -> HForm:
     return feedback.metric
 
 
+INT8_MAX = 127
+
+
+def pow2_room(scales: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """(step (C,), jmax (C,) int64) for a next point of each row of ``scales``
+    (C, k): a channel's points so far. If their nonzero scales are s_1 / 2^(j_i)
+    (one power-of-two chain; ``step`` = the last of them), a next point of scale
+    step / 2^j still merges with them into one int8 code (``merge_pow2``) for
+    j <= jmax: the merged codes lie within +-(M 2^j + Q) with M = Q sum_i s_i / step,
+    and M 2^j + Q <= 127. jmax = 0 where no such point exists."""
+    Q = qmax(bits)
+    s = scales.double()
+    nz = s > 0
+    step = torch.where(nz, s, torch.full_like(s, math.inf)).amin(1)
+    s1 = s[:, 0]
+    ratio = torch.where(nz, s1[:, None] / torch.where(nz, s, torch.ones_like(s)),
+                        torch.ones_like(s))
+    chain = (torch.frexp(ratio).mantissa == 0.5).all(1) & (s1 > 0)
+    M = Q * s.sum(1) / torch.where(chain, step, torch.ones_like(step))
+    room = torch.floor(torch.log2(torch.clamp((INT8_MAX - Q) / M, min=1.0)))
+    jmax = torch.where(chain, room, torch.zeros_like(room)).to(torch.int64)
+    return torch.where(chain, step, torch.zeros_like(step)).float(), jmax
+
+
+def merge_pow2(scales: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A channel's points (scales (k,), codes (k, d)) as int8 rows: the longest
+    leading run that is one power-of-two chain (zero points included) and whose
+    merged codes fit in int8 becomes one row, step = its smallest nonzero scale and
+    codes sum_i c_i s_i / step (exact integers); the points after it stay as they
+    are. Returns (scales (r,), codes (r, d) int16, merged (int): points in row 0).
+    Exact: the rows' sum equals the points' sum."""
+    k = scales.numel()
+    best = 1
+    for n in range(2, k + 1):
+        sub = scales[:n].double()
+        nzs = sub[sub > 0]
+        if nzs.numel() == 0 or sub[0] <= 0:
+            break
+        step = nzs.min()
+        mult = sub / step
+        if not bool((torch.frexp(torch.where(sub > 0, mult, torch.ones_like(mult)))
+                     .mantissa == 0.5).all()):
+            break
+        merged = (mult[:, None] * codes[:n].double()).sum(0)
+        if float(merged.abs().max()) > INT8_MAX:
+            break
+        best = n
+    if best == 1:
+        return scales, codes.to(torch.int16), 1
+    sub = scales[:best].double()
+    step = sub[sub > 0].min()
+    merged = ((sub / step)[:, None] * codes[:best].double()).sum(0)
+    return (torch.cat([step.float().reshape(1), scales[best:]]),
+            torch.cat([merged.round().to(torch.int16)[None], codes[best:].to(torch.int16)]),
+            best)
+
+
 def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = True,
                 err_prev: Tensor | None = None, gidx: Tensor | None = None,
-                n_refine: int = 0, lloyd: int = 0, measure: HForm | None = None):
+                n_refine: int = 0, lloyd: int = 0, measure: HForm | None = None,
+                pow2: tuple[Tensor, Tensor] | None = None):
     """One greedy step for all rows of R (C, d).
+
+    ``pow2`` = (step (C,), jmax (C,)) from ``pow2_room``: a row with jmax >= 1 only
+    tries the scales step / 2^j, j = 1..jmax, unrefitted, so that its points stay
+    one int8 code (``merge_pow2``); the other rows search as below.
 
     Candidates, in order (a later one replaces the best only if strictly better,
     so the min-max scale ``ratios[0] = 1`` wins ties):
@@ -249,10 +313,16 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
     nz = m > 0
     q = torch.empty_like(R)
     ones = torch.ones_like(m)
+    free = torch.ones(C, dtype=torch.bool)  # rows with the free scale search
+    if pow2 is not None:
+        step, jmax = pow2
+        free = jmax < 1
 
-    def evaluate(a):
+    def evaluate(a, refit=refit, rows=None):
         nonlocal best_err, best_a, best_r
-        ok_a = nz & (a > 0)
+        ok_a = nz & (a > 0) if rows is None else nz & (a > 0) & rows
+        if not bool(ok_a.any()):
+            return
         inv = torch.where(ok_a, 1.0 / torch.where(ok_a, a, ones), torch.zeros_like(a))
         torch.mul(R, inv[:, None], out=q)
         q.round_().clamp_(-Q, Q)
@@ -261,7 +331,7 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
         fit = a
         err = rHr - 2 * a * b + a * a * c
         if refit:
-            ok = c > 0
+            ok = (c > 0) & free
             a_ls = b / torch.where(ok, c, ones)
             err_ls = rHr - b * a_ls
             use = ok & (err_ls < err)
@@ -272,17 +342,22 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
         best_a = torch.where(better, fit, best_a)
         best_r = torch.where(better, a, best_r)
 
-    rl = ratios.tolist()
-    for rho in rl:
-        evaluate(m * (rho / Q))
-    if n_refine > 0 and len(rl) > 1:
-        step = abs(rl[0] - rl[1])
-        base = best_r.clone()
-        offs = torch.linspace(-step, step, n_refine + 2)[1:-1].tolist()
-        for off in offs:
-            evaluate(base + m * (off / Q))
-    for _ in range(lloyd):
-        evaluate(best_a.abs())
+    if pow2 is not None:
+        for j in range(1, int(jmax.max()) + 1):
+            evaluate(step * 2.0 ** -j, False, jmax >= j)
+    if bool(free.any()):
+        rows = None if bool(free.all()) else free
+        rl = ratios.tolist()
+        for rho in rl:
+            evaluate(m * (rho / Q), rows=rows)
+        if n_refine > 0 and len(rl) > 1:
+            st = abs(rl[0] - rl[1])
+            base = best_r.clone()
+            offs = torch.linspace(-st, st, n_refine + 2)[1:-1].tolist()
+            for off in offs:
+                evaluate(base + m * (off / Q), rows=rows)
+        for _ in range(lloyd):
+            evaluate(best_a.abs(), rows=rows)
     ok_r = nz & (best_r > 0)
     inv = torch.where(ok_r, 1.0 / torch.where(ok_r, best_r, ones), torch.zeros_like(m))
     q = torch.round(R * inv[:, None]).clamp_(-Q, Q)
@@ -302,7 +377,7 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
 
 def feedback_step(R: Tensor, scale: Tensor, q: Tensor, R_new: Tensor, err: Tensor,
                   fb: Feedback, bits: int, gidx: Tensor | None = None,
-                  refit: bool = True):
+                  refit: bool | Tensor = True):
     """Re-round a greedy point with error feedback, on the greedy point's scale.
 
     ``R`` is the residual the point approximates and (scale, q, R_new, err) the
@@ -311,15 +386,16 @@ def feedback_step(R: Tensor, scale: Tensor, q: Tensor, R_new: Tensor, err: Tenso
     squares in ``fb.metric`` where that lowers the error. Each row keeps whichever
     of the two points (greedy or feedback) has the lower error, so a step is never
     worse than the greedy one. Returns (scale, q, R_new, err) like ``greedy_step``.
+    ``refit`` may be a (C,) mask of the rows whose scale may be refitted.
     """
     M = fb.metric
     qf = fb.round(R, scale, bits, gidx)
     a = scale
-    if refit:
+    if refit is not False:
         Hq = M.matvec(qf, gidx)
         b = torch.linalg.vecdot(R, Hq)
         c = torch.linalg.vecdot(qf, Hq)
-        ok = (c > 0) & (b > 0)
+        ok = (c > 0) & (b > 0) & refit
         a_ls = torch.where(ok, b / torch.where(ok, c, torch.ones_like(c)), a)
         # e(a) - e(a_ls) = c (a - a_ls)^2 >= 0: the refit never raises the error
         a = torch.where(ok, a_ls, a)
@@ -332,7 +408,8 @@ def feedback_step(R: Tensor, scale: Tensor, q: Tensor, R_new: Tensor, err: Tenso
 
 def joint_feedback(W: Tensor, scales: Tensor, fb: Feedback, bits: int,
                    gidx: Tensor | None = None, refit: bool = True,
-                   MW: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   MW: Tensor | None = None, fixed_ratios: bool = False
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     """k points per row of W (n, d) on the given steps ``scales`` (n, k), all codes
     rounded together with error feedback (``Feedback.round``), then the k scales
     refitted jointly by least squares in ``fb.metric`` where that lowers the error.
@@ -340,13 +417,32 @@ def joint_feedback(W: Tensor, scales: Tensor, fb: Feedback, bits: int,
     Returns (scales (n, k) >= 0, codes (n, k, d) float, error (n,) in fb.metric).
     A negative refitted scale is stored as its absolute value with negated codes.
     ``MW``: ``fb.metric.matvec(W)`` if the caller has it; the refitted error is then
-    (W - a Q) . (MW - a HQ), with no further pass over H.
+    (W - a Q) . (MW - a HQ), with no further pass over H. ``fixed_ratios``: one
+    common factor of a row's k scales is refitted, so that their ratios (powers of
+    two, ``pow2_room``) stay as they are.
     """
     M = fb.metric
     n, k = scales.shape
     codes = fb.round(W, scales, bits, gidx)                       # (n, k, d)
     if not refit:
         return scales, codes, M.quad(W - torch.einsum('nk,nkd->nd', scales, codes), gidx)
+    if fixed_ratios and k > 1:
+        s1 = scales[:, :1]
+        ratio = torch.where(s1 > 0, scales / torch.where(s1 > 0, s1, torch.ones_like(s1)),
+                            torch.zeros_like(scales))
+        u = torch.einsum('nk,nkd->nd', ratio, codes)[:, None]    # (n, 1, d)
+        a, u_signed, e = joint_feedback_refit(W, s1, u, M, gidx, MW)
+        sign = torch.where((u_signed * u).sum(-1) < 0, -1.0, 1.0)  # (n, 1)
+        return a * ratio, codes * sign[..., None], e
+    return joint_feedback_refit(W, scales, codes, M, gidx, MW)
+
+
+def joint_feedback_refit(W: Tensor, scales: Tensor, codes: Tensor, M: HForm,
+                         gidx: Tensor | None = None, MW: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """The refit of ``joint_feedback``: scales (n, k) refitted jointly by least
+    squares in M for the given codes (n, k, d), where that lowers the error."""
+    n, k = scales.shape
     d = codes.shape[2]
     g_rep = None if gidx is None else gidx.repeat_interleave(k)
     HQ = M.matvec(codes.reshape(n * k, d), g_rep).reshape(n, k, d)
@@ -389,7 +485,8 @@ def _joint_level(ps: PointSet, W: Tensor, ch: Tensor, k: int, fb: Feedback,
                      torch.zeros(ps.channels, k))
     a, q, e = joint_feedback(W, ps.scales[ch, :k], fb, ps.bits, gidx,
                              ps.search.get('refit', True),
-                             None if ps.mw is None else ps.mw[ch])
+                             None if ps.mw is None else ps.mw[ch],
+                             ps.search.get('pow2', False))
     use = e < ps.cerr[ch, k]
     ps.alt[k][0][ch] = q.to(torch.int8)
     ps.alt[k][1][ch] = a
@@ -403,7 +500,8 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
                       min_ratio: float | None = None,
                       n_refine: int = DEFAULT_N_REFINE,
                       lloyd: int = DEFAULT_LLOYD, feedback: Feedback | None = None,
-                      fb_points: int = 1, fb_mode: str = 'joint') -> PointSet:
+                      fb_points: int = 1, fb_mode: str = 'joint',
+                      pow2: bool = False) -> PointSet:
     """Greedy points for every channel of W (C, d) in the metric of H.
 
     ``H`` None means the weight-space metric (H = I). ``n_points`` (default
@@ -419,6 +517,11 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
     (``joint_feedback``), wherever that has the lower error. 'first': the first
     ``fb_points`` greedy points themselves are re-rounded with feedback
     (``feedback_step``) and the later greedy points approximate what they leave.
+
+    ``pow2``: each further point's scale is the previous one's / 2^j, wherever the
+    channel's points then still merge into one int8 code (``pow2_room``; joint
+    feedback refits a common factor only): on int8 hardware such a channel runs as
+    one int8 row (``merge_pow2``), its extra points at no extra compute.
     """
     n_refine = check_positive_int(n_refine, 'n_refine', 0)
     lloyd = check_positive_int(lloyd, 'lloyd', 0)
@@ -439,7 +542,7 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
                   computed=torch.zeros(C, dtype=torch.int64), bits=bits,
                   search=dict(ratios=ratios, refit=bool(refit), n_refine=n_refine,
                               lloyd=lloyd, fb_points=fb_points if feedback else 0,
-                              fb_mode=fb_mode))
+                              fb_mode=fb_mode, pow2=bool(pow2)))
     joint = feedback is not None and fb_mode == 'joint'
     if joint:
         ps.use_alt = torch.zeros(C, P + 1, dtype=torch.bool)
@@ -451,11 +554,13 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
     ps.werr[:, 0] = torch.linalg.vecdot(W, W)
     R = W
     for k in range(n_points):
+        p2 = pow2_room(ps.scales[:, :k], bits) if pow2 and k else None
         scale, q, Rn, e = greedy_step(R, H, bits, ratios, refit, ps.cerr[:, k],
                                       n_refine=n_refine, lloyd=lloyd,
-                                      measure=None if feedback is None else M)
+                                      measure=None if feedback is None else M, pow2=p2)
         if feedback is not None and not joint and k < fb_points:
-            scale, q, Rn, e = feedback_step(R, scale, q, Rn, e, feedback, bits)
+            scale, q, Rn, e = feedback_step(R, scale, q, Rn, e, feedback, bits,
+                                            refit=True if p2 is None else p2[1] < 1)
         R = Rn
         ps.scales[:, k] = scale
         ps.codes[:, k] = q.to(torch.int8)
@@ -509,13 +614,16 @@ def extend_points(ps: PointSet, W: Tensor, H: HForm | None, channels: Tensor,
         ch = channels[sel]
         g = None if gidx_all is None else gidx_all[sel]
         Rs = R[sel]
+        p2 = pow2_room(ps.scales[ch, :k], ps.bits) if ps.search.get('pow2') and k \
+            else None
         scale, q, Rn, e = greedy_step(Rs, H, ps.bits, ratios, refit,
                                       ps.cerr[ch, k], gidx=g,
                                       n_refine=ps.search.get('n_refine', 0),
                                       lloyd=ps.search.get('lloyd', 0),
-                                      measure=None if feedback is None else M)
+                                      measure=None if feedback is None else M, pow2=p2)
         if feedback is not None and not joint and k < fb_points:
-            scale, q, Rn, e = feedback_step(Rs, scale, q, Rn, e, feedback, ps.bits, g)
+            scale, q, Rn, e = feedback_step(Rs, scale, q, Rn, e, feedback, ps.bits, g,
+                                            refit=True if p2 is None else p2[1] < 1)
         R[sel] = Rn
         ps.scales[ch, k] = scale
         ps.codes[ch, k] = q.to(torch.int8)
