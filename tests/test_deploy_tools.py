@@ -61,8 +61,16 @@ def test_deploy_tool_writes_a_checked_int8_graph(tiny, capsys):
     # every conv integer by default, the head output convs included
     assert k['integer_convs'] > 0 and k['conv_integer'] == 0 and k['float_convs'] == 0
     assert integer_kernel_counts(fp32)['integer_convs'] == 0
-    # the int8 file holds int8 codes: well under the float graph
-    assert osp.getsize(out) < 0.6 * osp.getsize(fp32)
+    # the int8 file holds 4-bit codes (INT4): well under the float graph
+    assert osp.getsize(out) < 0.3 * osp.getsize(fp32)
+    inits = onnx.load(out).graph.initializer
+    assert any(t.data_type == onnx.TensorProto.INT4 for t in inits)
+    wide = str(tiny['dir'] / 'int8_weights.onnx')
+    assert deploy_tool.main([tiny['cfg_path'], tiny['q'], '--out', wide, '--int8-weights',
+                             '--check-images', '1', '--tol', str(TOOL_TOL)]) == 0
+    assert not any(t.data_type == onnx.TensorProto.INT4
+                   for t in onnx.load(wide).graph.initializer)
+    assert osp.getsize(wide) > 1.5 * osp.getsize(out)
 
 
 def test_deploy_tool_refuses_a_float_checkpoint_for_int8(tiny):

@@ -39,6 +39,10 @@ def parse_args(argv=None):
     p.add_argument('--float-outputs', action='store_true',
                    help='keep the convs that make the raw head outputs float (no 8-bit '
                         'rounding of the outputs; slower)')
+    p.add_argument('--int8-weights', action='store_true',
+                   help='store W2-W4 codes as int8 initializers instead of INT4 (for a '
+                        'runtime without opset 21 INT4; the file is larger, nothing else '
+                        'changes)')
     p.add_argument('--check-images', type=int, default=4)
     p.add_argument('--calib-images', type=int, help='calibration images of the inserted '
                                                     'requantizations (default: the export\'s)')
@@ -58,7 +62,7 @@ def main(argv=None) -> int:
     cfg = config_with_options(args.config, args.cfg_options)
     calib = None if args.calib_images is None else dict(num_images=args.calib_images)
     r = deploy(cfg, args.checkpoint, args.out, args.fp32, not args.float_outputs,
-               args.check_images, calib, args.ort_static)
+               args.check_images, calib, args.ort_static, int4=not args.int8_weights)
     if 'int8_max_rel_diff' in r:
         k = r['kernels']
         print(f'int8: {k["integer_convs"]} QLinearConv, {k["conv_integer"]} ConvInteger, '

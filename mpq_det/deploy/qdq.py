@@ -122,6 +122,9 @@ class DeployReport:
                    f'scale (an extra 8-bit rounding): {calib}, multipoint layers (extra rows): '
                    f'{extra}')
         merged = sum(c.merged for c in self.convs)
+        if extra and not merged:
+            out.append('  (their extra rows are extra compute; an export made with '
+                       "custom_hooks.0.point_scales=pow2 merges extra points into int8 rows)")
         if merged:
             out.append(f'extra points merged into int8 rows (power-of-two scale ratios, no '
                        f'extra compute): {merged}, in {sum(c.merged > 0 for c in self.convs)} '

@@ -43,7 +43,8 @@ def calib_batches(cfg, model: torch.nn.Module, calib: dict | None = None) -> lis
 
 def deploy(cfg, checkpoint: str, out: str | None = None, fp32: str | None = None,
            int8_outputs: bool = True, check_images: int = 4,
-           calib: dict | None = None, ort_static: str | None = None) -> dict:
+           calib: dict | None = None, ort_static: str | None = None,
+           int4: bool = True) -> dict:
     """Writes the int8 QDQ graph of the quantized export ``checkpoint`` to ``out``
     and/or the FP32 graph (of a float checkpoint, or of an export's dequantized
     weights) to ``fp32``, and/or onnxruntime's own ``quantize_static`` W8A8 of that
@@ -62,7 +63,8 @@ def deploy(cfg, checkpoint: str, out: str | None = None, fp32: str | None = None
     calib = calib or ((meta or {}).get('settings') or {}).get('calib')
     batches = calib_batches(cfg, model, calib) if out or ort_static else []
     if out:
-        proto, report = build_int8_onnx(model, batches[0], batches, int8_outputs)
+        proto, report = build_int8_onnx(model, batches[0], batches, int8_outputs,
+                                        int4=int4)
         onnx.checker.check_model(proto)
         write_bytes_atomic(proto.SerializeToString(), out)
         got = [torch.from_numpy(g) for g in run_session(make_session(out), inputs)]
@@ -132,9 +134,11 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
                budget: float = 0.05, seed: int = 0) -> dict[str, str]:
     """mmdet's packaged RetinaNet-R50 (random init), quantized W{bits}A8 by our model
     pass (multipoint, global budget) on two random images of ``calib_size``, written as
-    FP32, int8, int8 with float head outputs, int8-without-extra-points, and
-    onnxruntime's own ``quantize_static`` W8A8 of the FP32 graph (dynamic image size).
-    Returns {kind: path}. For speed only: the weights are random."""
+    FP32, int8, int8 with float head outputs, int8-without-extra-points, int8 of the
+    same pass with ``point_scales='pow2'`` (its extra points merge into int8 rows),
+    and onnxruntime's own ``quantize_static`` W8A8 of the FP32 graph (dynamic image
+    size). Returns {kind: path}. For speed only: the weights are random."""
+    import copy
     import os
     import os.path as osp
 
@@ -152,12 +156,9 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
     model_cfg = cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else dict(cfg.model)
     _strip_pretrained(model_cfg)
     torch.manual_seed(seed)
-    model = MODELS.build(model_cfg).eval()
+    fp_model = MODELS.build(model_cfg).eval()
     g = torch.Generator().manual_seed(seed)
     batches = [torch.randn(1, 3, *calib_size, generator=g) for _ in range(2)]
-    # the hook's own defaults (budget_on, error feedback, ...), as tools/test.py runs it
-    hook = MultipointQuantHook(bits=bits, budget=budget, act_bits=8, report=False,
-                               calib=dict(seed=seed))
 
     @torch.no_grad()
     def calibrate(m: torch.nn.Module, reference: torch.nn.Module | None) -> None:
@@ -165,19 +166,29 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
             if reference is not None:
                 reference(x, None, mode='tensor')
             m(x, None, mode='tensor')
-    result, plans, _ = hook.quantize(model, calibrate, f'{len(batches)} random images')
-    sm = summarize(result, model, plans)
-    _log(f'RetinaNet-R50 W{bits}A8 (budget {budget}, budget_on={hook.budget_on}, '
-         f'error_feedback={hook.error_feedback}): extra points add memory '
-         f'{sm["memory_overhead"]:.1%}, MACs {sm["compute_overhead"]:.1%} (at the '
-         f'calibration size)')
-    variants = {'int8': {}, 'int8_float_outputs': dict(int8_outputs=False),
-                'int8_one_point': dict(first_point_only=True)}
-    paths = {k: osp.join(out_dir, f'retinanet_r50_{k}.onnx') for k in ['fp32', *variants]}
-    write_bytes_atomic(torch_to_onnx(float_twin(model), batches[0]).SerializeToString(),
+
+    def quantized(**kw) -> torch.nn.Module:
+        # the hook's own defaults (budget_on, error feedback, ...), as tools/test.py runs it
+        model = copy.deepcopy(fp_model)
+        hook = MultipointQuantHook(bits=bits, budget=budget, act_bits=8, report=False,
+                                   calib=dict(seed=seed), **kw)
+        result, plans, _ = hook.quantize(model, calibrate, f'{len(batches)} random images')
+        sm = summarize(result, model, plans)
+        _log(f'RetinaNet-R50 W{bits}A8 (budget {budget}, budget_on={hook.budget_on}, '
+             f'error_feedback={hook.error_feedback}, point_scales={hook.point_scales}): '
+             f'extra points add memory {sm["memory_overhead"]:.1%}, MACs '
+             f'{sm["compute_overhead"]:.1%} (at the calibration size)')
+        return model
+    model = quantized()
+    paths = {k: osp.join(out_dir, f'retinanet_r50_{k}.onnx') for k in
+             ['fp32', 'int8', 'int8_float_outputs', 'int8_one_point', 'int8_pow2']}
+    write_bytes_atomic(torch_to_onnx(float_twin(fp_model), batches[0]).SerializeToString(),
                        paths['fp32'])
-    for kind, kw in variants.items():
-        proto, _ = build_int8_onnx(model, batches[0], batches, **kw)
+    for kind, m, kw in (('int8', model, {}),
+                        ('int8_float_outputs', model, dict(int8_outputs=False)),
+                        ('int8_one_point', model, dict(first_point_only=True)),
+                        ('int8_pow2', quantized(point_scales='pow2'), {})):
+        proto, _ = build_int8_onnx(m, batches[0], batches, **kw)
         write_bytes_atomic(proto.SerializeToString(), paths[kind])
     # the peer row: onnxruntime's own W8A8 of the float model, same calibration images
     paths['ort_w8a8'] = ort_quantize_static(paths['fp32'], osp.join(
