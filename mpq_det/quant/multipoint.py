@@ -243,7 +243,7 @@ def pow2_room(scales: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return torch.where(chain, step, torch.zeros_like(step)).float(), jmax
 
 
-def merge_pow2(scales: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def merge_pow2(scales: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, int]:
     """A channel's points (scales (k,), codes (k, d)) as int8 rows: the longest
     leading run that is one power-of-two chain (zero points included) and whose
     merged codes fit in int8 becomes one row, step = its smallest nonzero scale and
