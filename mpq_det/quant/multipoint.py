@@ -222,6 +222,18 @@ def _check_feedback(W: Tensor, H: HForm, feedback: Feedback | None) -> HForm:
 INT8_MAX = 127
 
 
+def _pow2_chain(scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(step, mult, chain) of points' scales (..., k), float64: step = the smallest
+    nonzero scale, mult = scales / step (0 for zero points), chain = whether the
+    first scale is nonzero and every nonzero mult is a power of two."""
+    nz = scales > 0
+    step = torch.where(nz, scales, torch.full_like(scales, math.inf)).amin(-1)
+    mult = scales / step[..., None]
+    chain = (torch.frexp(torch.where(nz, mult, torch.ones_like(mult))).mantissa
+             == 0.5).all(-1) & (scales[..., 0] > 0)
+    return step, mult, chain
+
+
 def pow2_room(scales: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """(step (C,), jmax (C,) int64) for a next point of each row of ``scales``
     (C, k): a channel's points so far. If their nonzero scales are s_1 / 2^(j_i)
@@ -230,14 +242,8 @@ def pow2_room(scales: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     j <= jmax: the merged codes lie within +-(M 2^j + Q) with M = Q sum_i s_i / step,
     and M 2^j + Q <= 127. jmax = 0 where no such point exists."""
     Q = qmax(bits)
-    s = scales.double()
-    nz = s > 0
-    step = torch.where(nz, s, torch.full_like(s, math.inf)).amin(1)
-    s1 = s[:, 0]
-    ratio = torch.where(nz, s1[:, None] / torch.where(nz, s, torch.ones_like(s)),
-                        torch.ones_like(s))
-    chain = (torch.frexp(ratio).mantissa == 0.5).all(1) & (s1 > 0)
-    M = Q * s.sum(1) / torch.where(chain, step, torch.ones_like(step))
+    step, mult, chain = _pow2_chain(scales.double())
+    M = torch.where(chain, Q * mult.sum(-1), torch.ones_like(step))
     room = torch.floor(torch.log2(torch.clamp((INT8_MAX - Q) / M, min=1.0)))
     jmax = torch.where(chain, room, torch.zeros_like(room)).to(torch.int64)
     return torch.where(chain, step, torch.zeros_like(step)).float(), jmax
@@ -250,27 +256,18 @@ def merge_pow2(scales: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, int]:
     codes sum_i c_i s_i / step (exact integers); the points after it stay as they
     are. Returns (scales (r,), codes (r, d) int16, merged (int): points in row 0).
     Exact: the rows' sum equals the points' sum."""
-    k = scales.numel()
-    best = 1
-    for n in range(2, k + 1):
-        sub = scales[:n].double()
-        nzs = sub[sub > 0]
-        if nzs.numel() == 0 or sub[0] <= 0:
-            break
-        step = nzs.min()
-        mult = sub / step
-        if not bool((torch.frexp(torch.where(sub > 0, mult, torch.ones_like(mult)))
-                     .mantissa == 0.5).all()):
+    best, row = 1, None
+    for n in range(2, scales.numel() + 1):
+        step, mult, chain = _pow2_chain(scales[:n].double())
+        if not bool(chain):
             break
         merged = (mult[:, None] * codes[:n].double()).sum(0)
         if float(merged.abs().max()) > INT8_MAX:
             break
-        best = n
-    if best == 1:
+        best, row = n, (step, merged)
+    if row is None:
         return scales, codes.to(torch.int16), 1
-    sub = scales[:best].double()
-    step = sub[sub > 0].min()
-    merged = ((sub / step)[:, None] * codes[:best].double()).sum(0)
+    step, merged = row
     return (torch.cat([step.float().reshape(1), scales[best:]]),
             torch.cat([merged.round().to(torch.int16)[None], codes[best:].to(torch.int16)]),
             best)
