@@ -35,11 +35,23 @@ def cell_id(c: dict) -> str:
     s = f"{h['method']}_w{h['bits']}"
     if h['method'] in ('multipoint', 'ocs'):
         s += f"_b{h['budget']:g}"
-    if h.get('act_bits'):
-        s += f"_a{h['act_bits']}"
-    extra = {k: v for k, v in h.items() if k not in ('method', 'bits', 'budget', 'act_bits')}
+    if act_bits(h):
+        s += f"_a{act_bits(h)}"
+    extra = {}
+    for k, v in h.items():
+        if k in ('method', 'bits', 'budget', 'activations'):
+            continue
+        if isinstance(v, dict):   # a group of hook arguments: one label per key
+            extra.update({f'{k}.{kk}': vv for kk, vv in v.items()})
+        else:
+            extra[k] = v
     s += ''.join(f'_{k}={v}' for k, v in sorted(extra.items()))
     return s
+
+
+def act_bits(h: dict) -> int | None:
+    """The activation bits of a cell's hook arguments (None: float activations)."""
+    return (h.get('activations') or {}).get('bits')
 
 
 def mpq(method: str, bits: int, budget: float = 0.0, group: str = 'sweep', **more) -> dict:
@@ -61,7 +73,8 @@ def sweep_cells(bits: Iterable[int] = BITS, budgets: Iterable[float] = BUDGETS,
                 cells += [mpq(m, b, bu) for bu in budgets if not (m == 'ocs' and bu == 0)]
     if activations:
         for b in (4, 8):
-            cells += [mpq('multipoint', b, 0.05, act_bits=8), mpq('rtn', b, act_bits=8)]
+            a8 = dict(activations=dict(bits=8))
+            cells += [mpq('multipoint', b, 0.05, **a8), mpq('rtn', b, **a8)]
     cells += [dict(kind='quanto', group='sweep', quanto=q) for q in quanto]
     return cells
 
@@ -76,9 +89,10 @@ def ablation_cells(levers: dict[str, dict] | None = None) -> list[dict]:
         for alloc in ('layer', 'global'):
             for by in ('output', 'weight', 'random'):
                 cells.append(mpq('multipoint', bits, budget, group='placement',
-                                 allocation=alloc, rank_points_by=by))
+                                 allocation=alloc, points=dict(rank_by=by)))
         for form in FORMS:
-            cells.append(mpq('multipoint', bits, budget, group='h_form', h_form=form))
+            cells.append(mpq('multipoint', bits, budget, group='h_form',
+                             stats=dict(form=form)))
         for name, off in (levers or {}).items():
             cells.append(mpq('multipoint', bits, budget, group=f'lever:{name}', **off))
     return cells
@@ -250,7 +264,7 @@ def method_of(r: dict) -> str:
     if r['kind'] != 'mpq':
         return 'fp' if r['kind'] == 'fp' else 'quanto'
     h = r['hook']
-    return h['method'] + (f"+A{h['act_bits']}" if h.get('act_bits') else '')
+    return h['method'] + (f"+A{act_bits(h)}" if act_bits(h) else '')
 
 
 def results_markdown(rows: list[dict]) -> str:
@@ -315,7 +329,7 @@ def plot_results(rows: list[dict], out_dir: str) -> list[str]:
                 for bits in (2, 3):
                     pts = sorted((r['hook']['budget'], 100 * r['metrics'][key]) for r in rs
                                  if r['kind'] == 'mpq' and r['hook']['method'] == meth
-                                 and r['hook']['bits'] == bits and not r['hook'].get('act_bits')
+                                 and r['hook']['bits'] == bits and not act_bits(r['hook'])
                                  and key in r['metrics'])
                     if pts:
                         ax.plot(*zip(*pts), 'o-', label=f'{meth} W{bits}')
@@ -329,7 +343,7 @@ def plot_results(rows: list[dict], out_dir: str) -> list[str]:
         plt.close(fig)
 
         hists = [r for r in rs if r.get('points_hist') and r['hook']['method'] == 'multipoint'
-                 and not r['hook'].get('act_bits') and r['hook']['budget'] > 0]
+                 and not act_bits(r['hook']) and r['hook']['budget'] > 0]
         if hists:
             fig, axes = plt.subplots(1, len(hists), figsize=(4 * len(hists), 3.5), squeeze=False)
             for ax, r in zip(axes[0], hists):

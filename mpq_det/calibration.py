@@ -9,7 +9,7 @@ from mmengine.dataset import pseudo_collate
 from mmengine.utils import ProgressBar
 from torch.utils.data import DataLoader, Subset
 
-SPLITS = ('train', 'val', 'test')
+from .quantizer import SPLITS
 
 
 def _innermost(ds_cfg: dict) -> dict:

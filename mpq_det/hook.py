@@ -1,12 +1,12 @@
 """MultipointQuantHook: quantize an mmdet detector right after its checkpoint loads."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import os.path as osp
 import time
-from dataclasses import asdict, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from mmengine.dist import broadcast_object_list, get_rank, get_world_size, is_main_process
@@ -16,16 +16,11 @@ from mmengine.model import is_model_wrapper
 from mmengine.runner.loops import BaseLoop
 from mmdet.registry import HOOKS
 
-from .components import COMPONENTS, component_of, runs_on_proposals, stage_of
-from .calibration import SPLITS, build_calib_loader, run_calibration
-from .model_pass import (QUANTIZABLE, QuantResult, QuantSettings, StatsCollector, plan_layers,
-                         quantize_model, quantize_model_sequential, summarize)
+from .calibration import build_calib_loader, run_calibration
+from .model_pass import QUANTIZABLE, QuantResult, summarize
 from .qstate import apply_quantized_state, quantized_state
-from .quant import BUDGET_ON, DEFAULT_FORM, FORMS, check_bits
-from .quant.allocation import BY
-from .quant.multipoint import FB_MODES, POINT_SCALES
+from .quantizer import MultipointQuantizer
 from .report import format_report, plot_report
-
 
 
 def _register_mmcv_wrappers() -> None:
@@ -36,59 +31,37 @@ def _register_mmcv_wrappers() -> None:
 
 
 _register_mmcv_wrappers()
-SETTING_KEYS = ('bits', 'method', 'budget', 'allocation', 'max_points')
-CALIB_DEFAULTS = dict(split='train', num_images=32, batch_size=4, seed=0)
-# error feedback wins on the committed detectors (README, "Accuracy levers")
-DEFAULT_ERROR_FEEDBACK = True
-# sequential statistics: False, True (stages: the backbone's blocks, the neck, each
-# head) or 'components' (the backbone, the neck, each head: fewer passes)
-SEQUENTIAL = (False, True, 'components')
 
 
-def _choice(value: Any, name: str, allowed: tuple) -> Any:
-    if value not in allowed:
-        raise ValueError(f'{name}={value!r} is not allowed; choose one of {allowed}')
-    return value
-
-
-def _flag(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f'{name}={value!r} must be True or False')
-    return value
-
-
-def _check_keys(where: str, given: dict, allowed: tuple) -> None:
-    bad = set(given) - set(allowed)
-    if bad:
-        raise ValueError(f'{where}: unknown key(s) {sorted(bad)}; allowed: {allowed}')
+# the flat arguments that the groups replaced, named in the error for unknown ones
+MOVED = dict(act_bits='activations=dict(bits=...)', h_form='stats=dict(form=...)',
+             sequential='stats=dict(sequential=...)',
+             error_feedback='feedback=dict(...) (None: off)',
+             feedback_points='feedback=dict(points=...)',
+             feedback_mode='feedback=dict(mode=...)',
+             feedback_order='feedback=dict(order=...)',
+             budget_on='points=dict(budget_on=...)', rank_points_by='points=dict(rank_by=...)',
+             point_scales='points=dict(scales=...)')
 
 
 @HOOKS.register_module()
 class MultipointQuantHook(Hook):
     """Post-training multipoint quantization of the detector under test.
 
-    Arguments are DESIGN.md's: ``bits``, ``method``, ``budget``, ``allocation``,
-    ``max_points``, ``components``, ``skip``, ``act_bits``, ``calib``, ``export``,
-    ``report``; plus ``h_form`` (the form of the calibration statistic H) and
-    ``layer_bits`` ({glob: bits}, e.g. ``{'backbone.conv1': 8, '*.retina_reg': 8}``:
-    the usual detection-PTQ choice of 8-bit first and last layers); the accuracy
-    levers ``error_feedback`` (round each multipoint layer's codes column by column,
-    feeding every column's error forward through the calibration H, GPTQ-style),
-    ``feedback_points`` (for 1..feedback_points points per channel) and
-    ``feedback_mode`` ('joint': a channel may swap its greedy points for the same
-    scales with all codes re-rounded together with feedback, where that lowers the
-    error; 'first': the first points themselves are re-rounded, later greedy points
-    approximate what is left), ``feedback_order`` (columns by decreasing input
-    energy, GPTQ's act-order), ``bias_correction`` (the mean output shift on the
-    calibration images folded into the bias of layers that have one), ``budget_on`` ('memory', 'compute' or
-    'both': which overheads the extra points keep within ``budget``) and
-    ``sequential`` (calibrate stage by stage on the inputs that the quantized stages
-    before give, against the floating-point outputs; True: the backbone's blocks,
-    the neck and each head are stages, 'components': the backbone, the neck, each
-    head; see ``quantize_model_sequential``) and ``point_scales`` ('free', or
-    'pow2': a channel's further points at power-of-two fractions of its first
-    point's scale, so that on int8 hardware they merge into one int8 row and cost no
-    extra compute; see ``tools/deploy.py``).
+    Takes ``MultipointQuantizer``'s arguments, grouped by concern (docs/hook.md has
+    a table per group)::
+
+        bits=4, method='multipoint', budget=0.05, allocation='global', max_points=4,
+        components=None, skip=(), layer_bits=None,
+        points=dict(budget_on='both', rank_by='output', scales='free'),
+        feedback=dict(points=4, mode='joint', order=True),     # None: off
+        stats=dict(form='lowrank', sequential=False),
+        bias_correction=False,
+        activations=None,                                       # dict(bits=8): W*A8
+        calib=dict(split='train', num_images=32, batch_size=4, seed=0),
+
+    plus ``export`` (write the quantized checkpoint there) and ``report`` (the
+    per-layer table, ``mpq_report.json`` and ``mpq_report.png`` in the work dir).
 
     It quantizes in ``before_test`` (and ``before_val`` of a standalone
     ``runner.val()``), i.e. after the checkpoint is loaded. Validation during training
@@ -99,54 +72,15 @@ class MultipointQuantHook(Hook):
 
     priority = 'VERY_HIGH'  # before other before_test hooks see the model
 
-    def __init__(self, bits: int = 4, method: str = 'multipoint', budget: float = 0.05,
-                 allocation: str = 'global', max_points: int = 4,
-                 components: dict | None = None, skip: Sequence[str] = (),
-                 act_bits: int | None = None, calib: dict | None = None,
-                 export: str | None = None, report: bool = True,
-                 h_form: str = DEFAULT_FORM, layer_bits: dict | None = None,
-                 error_feedback: bool = DEFAULT_ERROR_FEEDBACK, feedback_points: int = 4,
-                 feedback_mode: str = 'joint', feedback_order: bool = True,
-                 budget_on: str = 'both', bias_correction: bool = False,
-                 rank_points_by: str = 'output', sequential: bool | str = False,
-                 point_scales: str = 'free', **unknown: Any) -> None:
+    def __init__(self, export: str | None = None, report: bool = True,
+                 **kwargs: Any) -> None:
+        allowed = tuple(inspect.signature(MultipointQuantizer).parameters)
+        unknown = set(kwargs) - set(allowed)
         if unknown:
-            raise ValueError(
-                f'MultipointQuantHook got unknown argument(s) {sorted(unknown)}; allowed: '
-                f'bits, method, budget, allocation, max_points, components, skip, '
-                f'act_bits, calib, export, report, h_form, layer_bits, error_feedback, '
-                f'feedback_points, feedback_mode, feedback_order, budget_on, '
-                f'bias_correction, rank_points_by, sequential, point_scales')
-        self.error_feedback = _flag(error_feedback, 'error_feedback')
-        if isinstance(feedback_points, bool) or not isinstance(feedback_points, int) \
-                or feedback_points < 1:
-            raise ValueError(f'feedback_points={feedback_points!r} must be an int >= 1 '
-                             '(points of each channel rounded with error feedback)')
-        self.feedback_points = feedback_points
-        self.feedback_mode = _choice(feedback_mode, 'feedback_mode', FB_MODES)
-        self.feedback_order = _flag(feedback_order, 'feedback_order')
-        self.bias_correction = _flag(bias_correction, 'bias_correction')
-        self.budget_on = _choice(budget_on, 'budget_on', BUDGET_ON)
-        self.base = QuantSettings(bits, method, budget, allocation, max_points)
-        self.components = self._parse_components(components)
-        if isinstance(skip, str) or not all(isinstance(g, str) for g in skip):
-            raise ValueError(f'skip={skip!r} must be a list of fnmatch globs (strings)')
-        self.skip = list(skip)
-        if act_bits is not None and (not isinstance(act_bits, int) or not 2 <= act_bits <= 8):
-            raise ValueError(f'act_bits={act_bits!r} is not allowed; use None or an int in 2..8')
-        self.act_bits = act_bits
-        if layer_bits is not None and not isinstance(layer_bits, dict):
-            raise ValueError(f'layer_bits={layer_bits!r} must be a dict {{glob: bits}}')
-        self.layer_bits = {str(g): check_bits(b, f'layer_bits[{g!r}]')
-                           for g, b in (layer_bits or {}).items()}
-        self.calib = self._parse_calib(calib)
-        self.h_form = _choice(h_form, 'h_form', tuple(FORMS))
-        self.rank_points_by = _choice(rank_points_by, 'rank_points_by', BY)
-        self.point_scales = _choice(point_scales, 'point_scales', POINT_SCALES)
-        if not (isinstance(sequential, bool) or sequential == 'components'):
-            raise ValueError(f'sequential={sequential!r} is not allowed; choose one of '
-                             f'{SEQUENTIAL}')
-        self.sequential = sequential
+            hints = ''.join(f'; {k} is now {MOVED[k]}' for k in sorted(unknown) if k in MOVED)
+            raise ValueError(f'MultipointQuantHook got unknown argument(s) {sorted(unknown)}; '
+                             f'allowed: {(*allowed, "export", "report")}{hints}')
+        self.quantizer = MultipointQuantizer(**kwargs)
         if export is not None and not isinstance(export, str):
             raise ValueError(f'export={export!r} must be a file path or None')
         self.export = export
@@ -157,61 +91,9 @@ class MultipointQuantHook(Hook):
         self.result: QuantResult | None = None
         self._done = False
 
-    # ---- argument parsing ---------------------------------------------------------
-    def _parse_components(self, components: dict | None) -> dict[str, QuantSettings | None]:
-        out = {c: self.base for c in COMPONENTS}
-        self.pools = {}
-        self.explicit = set(components or ())
-        if components is None:
-            return out
-        if not isinstance(components, dict):
-            raise ValueError(f'components={components!r} must be a dict with keys among '
-                             f'{COMPONENTS}')
-        for comp, over in components.items():
-            if comp not in COMPONENTS:
-                raise ValueError(f'components: unknown component {comp!r}; allowed: '
-                                 f'{COMPONENTS}')
-            if over is None:
-                out[comp] = None
-                continue
-            if not isinstance(over, dict):
-                raise ValueError(f'components[{comp!r}] must be a dict of overrides or None')
-            _check_keys(f'components[{comp!r}]', over, SETTING_KEYS)
-            out[comp] = replace(self.base, **over)  # validated again by __post_init__
-            if 'budget' in over:  # a component with its own budget pools its own
-                self.pools[comp] = comp
-        return out
-
-    @staticmethod
-    def _parse_calib(calib: dict | None) -> dict:
-        out = dict(CALIB_DEFAULTS)
-        if calib is None:
-            return out
-        if not isinstance(calib, dict):
-            raise ValueError(f'calib={calib!r} must be a dict with keys {tuple(CALIB_DEFAULTS)}')
-        _check_keys('calib', calib, tuple(CALIB_DEFAULTS))
-        out.update(calib)
-        if out['split'] not in SPLITS:
-            raise ValueError(f"calib.split={out['split']!r} is not allowed; choose one of {SPLITS}")
-        for k in ('num_images', 'batch_size'):
-            if not isinstance(out[k], int) or out[k] <= 0:
-                raise ValueError(f'calib.{k}={out[k]!r} is not allowed; use an int >= 1')
-        return out
-
     def settings(self) -> dict:
         """Everything that decides the quantized weights (stored in exports)."""
-        return dict(base=asdict(self.base),
-                    components={c: None if s is None else asdict(s)
-                                for c, s in self.components.items()},
-                    pools=self.pools, skip=self.skip, layer_bits=self.layer_bits,
-                    act_bits=self.act_bits,
-                    calib=self.calib, h_form=self.h_form,
-                    error_feedback=self.error_feedback,
-                    feedback_points=self.feedback_points,
-                    feedback_mode=self.feedback_mode, feedback_order=self.feedback_order,
-                    budget_on=self.budget_on, bias_correction=self.bias_correction,
-                    rank_points_by=self.rank_points_by, sequential=self.sequential,
-                    point_scales=self.point_scales)
+        return self.quantizer.settings()
 
     @staticmethod
     def _notes(plans) -> list[str]:
@@ -274,63 +156,20 @@ class MultipointQuantHook(Hook):
     def _model(runner) -> torch.nn.Module:
         return runner.model.module if is_model_wrapper(runner.model) else runner.model
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        present = {component_of(n) for n, _ in model.named_children()} - {None}
-        for comp in self.explicit:
-            if comp not in present:
-                raise ValueError(f'components: the model has no {comp!r} (it has '
-                                 f'{sorted(present)}); remove it or set it to None')
-
-    def quantize(self, model: torch.nn.Module,
-                 calibrate: Callable[[torch.nn.Module, torch.nn.Module | None], None],
-                 what: str = 'the calibration inputs') -> tuple[QuantResult, list, list]:
-        """Plans ``model``'s layers with this hook's settings, calibrates and quantizes
-        in place. ``calibrate(m, reference)`` runs every calibration batch through
-        ``m`` (through ``reference`` first when it is not None: the passes of
-        sequential statistics). Returns (result, plans, skipped). Also what code
-        outside a runner (e.g. the deploy benchmark) calls, so that it quantizes with
-        the hook's defaults."""
-        logger = MMLogger.get_current_instance()
-        plans, skipped, unmatched = plan_layers(model, component_of, self.components,
-                                                self.skip, self.pools, self.layer_bits)
-        for g in unmatched:
-            logger.warning(f'MultipointQuantHook: skip/layer_bits glob {g!r} matches no layer')
-        logger.info(f'MultipointQuantHook: calibrating {len(plans)} layers on {what}'
-                    + (' (sequential statistics)' if self.sequential else ''))
-        levers = dict(seed=self.calib['seed'], error_feedback=self.error_feedback,
-                      feedback_points=self.feedback_points, feedback_mode=self.feedback_mode,
-                      feedback_order=self.feedback_order, budget_on=self.budget_on,
-                      bias_correction=self.bias_correction,
-                      rank_points_by=self.rank_points_by, point_scales=self.point_scales)
-        if self.sequential:
-            split = self.sequential is True
-            result = quantize_model_sequential(
-                model, plans, calibrate, lambda n: stage_of(n, split_backbone=split),
-                dict(form=self.h_form, seed=self.calib['seed']), self.act_bits,
-                unpaired=runs_on_proposals, **levers)
-            return result, plans, skipped
-        collector = StatsCollector(plans, form=self.h_form, seed=self.calib['seed'],
-                                   feedback=self.error_feedback)
-        try:
-            calibrate(model, None)
-        finally:
-            collector.remove()
-        result = quantize_model(model, plans, collector.stats, self.act_bits, **levers)
-        return result, plans, skipped
-
     def _quantize(self, runner) -> None:
         if self._done:
             return
         logger = MMLogger.get_current_instance()
         model = self._model(runner)
-        self.check_model(model)
+        q = self.quantizer
+        q.check_model(model)
         t0 = time.perf_counter()
         payload = [None]
         if is_main_process():
-            loader = build_calib_loader(runner.cfg, **self.calib)
-            result, plans, skipped = self.quantize(
+            loader = build_calib_loader(runner.cfg, **q.calib)
+            result, plans, skipped = q.quantize(
                 model, lambda m, ref: run_calibration(m, loader, reference=ref),
-                f'{len(loader.dataset)} {self.calib["split"]} images')
+                f'{len(loader.dataset)} {q.calib["split"]} images', logger)
             result.skipped = skipped
             result.summary['notes'] = self._notes(plans)
             result.summary.update(summarize(result, model, plans))

@@ -23,12 +23,12 @@ NUM_IMAGES = 100
 DETECTORS = ('retinanet_r18q', 'faster_rcnn_r18q')
 # every argument of the hook, pinned
 PINNED = dict(bits=4, method='multipoint', budget=0.05, allocation='global', max_points=4,
-              components=None, skip=[], act_bits=None, layer_bits={}, h_form='lowrank',
-              calib=dict(split='train', num_images=32, batch_size=4, seed=0),
-              export=None, report=True, error_feedback=True, feedback_mode='joint',
-              feedback_points=4, feedback_order=True, budget_on='both',
-              bias_correction=False, rank_points_by='output', sequential=False,
-              point_scales='free')
+              components=None, skip=[], layer_bits={},
+              points=dict(budget_on='both', rank_by='output', scales='free'),
+              feedback=dict(points=4, mode='joint', order=True),
+              stats=dict(form='lowrank', sequential=False), bias_correction=False,
+              activations=None, calib=dict(split='train', num_images=32, batch_size=4, seed=0),
+              export=None, report=True)
 RUNS = {
     'fp': None,
     'mp_w4': dict(bits=4, budget=0.05),
@@ -38,7 +38,7 @@ RUNS = {
     'mp_w2_b0': dict(bits=2, budget=0.0),
     'rtn_w2': dict(method='rtn', bits=2, budget=0.0),
     # W4A8, exported (the int8 ONNX guard deploys the export; RetinaNet only)
-    'mp_w4a8': dict(bits=4, budget=0.05, act_bits=8),
+    'mp_w4a8': dict(bits=4, budget=0.05, activations=dict(bits=8)),
 }
 # Measured on this subset (VOC, COCO; x100), 2026-11-30, by this file with -s, with the
 # defaults of the accuracy-levers merge (error feedback, memory and compute bounds):
@@ -75,7 +75,7 @@ def subset_ann(data: str, work_dir: str) -> str:
 
 def score(det: str, run: str, data: str, work_dir: str, onnx: str | None = None) -> dict:
     """{'voc', 'coco'} mAP x100 and the hook's report of one run (cached). A run
-    with act_bits writes its export to ``{work_dir}/q.pth``; ``onnx``: the run
+    with activations writes its export to ``{work_dir}/q.pth``; ``onnx``: the run
     reloads that export and runs the graph in onnxruntime (``OnnxRuntimeHook``)."""
     key = (det, run, onnx)
     if key in _cache:
@@ -98,7 +98,7 @@ def score(det: str, run: str, data: str, work_dir: str, onnx: str | None = None)
     cfg.custom_hooks = [] if RUNS[run] is None else [
         dict(type='MultipointQuantHook', **dict(copy.deepcopy(PINNED), **RUNS[run]))]
     export = osp.join(work_dir, f'{det}_{run}', 'q.pth')
-    if RUNS[run] and RUNS[run].get('act_bits'):
+    if RUNS[run] and RUNS[run].get('activations'):
         cfg.custom_hooks[0]['export'] = export
     if onnx:
         cfg.work_dir += '_onnx'
@@ -124,7 +124,7 @@ def S(synth_data, tmp_path_factory):
 @pytest.mark.parametrize('det', DETECTORS)
 def test_runs_use_the_pinned_bits_and_budget(S, det):
     for run, over in RUNS.items():
-        if over is None or (over.get('act_bits') and det != 'retinanet_r18q'):
+        if over is None or (over.get('activations') and det != 'retinanet_r18q'):
             continue
         rep = S(det, run)['report']
         assert {r['bits'] for r in rep['layers']} == {over['bits']}, run

@@ -65,9 +65,9 @@ def test_ablation_cells_cover_placement_forms_and_levers():
     for c in cells:
         groups.setdefault(c['group'], []).append(c['hook'])
     assert len(groups['placement']) == 2 * 2 * 3
-    assert {(h['allocation'], h['rank_points_by']) for h in groups['placement']} == {
+    assert {(h['allocation'], h['points']['rank_by']) for h in groups['placement']} == {
         (a, b) for a in ('layer', 'global') for b in ('output', 'weight', 'random')}
-    assert [h['h_form'] for h in groups['h_form']] == list(FORMS) * 2
+    assert [h['stats']['form'] for h in groups['h_form']] == list(FORMS) * 2
     assert groups['lever:global allocation'] == [
         dict(method='multipoint', bits=3, budget=0.05, allocation='layer'),
         dict(method='multipoint', bits=2, budget=0.1, allocation='layer')]

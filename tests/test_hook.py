@@ -46,9 +46,12 @@ def fresh_runner(runner, tmp_path):
     (dict(components={'head': dict(foo=1)}), 'unknown key'),
     (dict(calib=dict(num_images=0)), 'num_images'),
     (dict(calib=dict(split='holdout')), 'split'),
-    (dict(act_bits=16), 'act_bits'),
-    (dict(h_form='full'), 'h_form'),
-    (dict(rank_points_by='size'), 'rank_points_by'),
+    (dict(activations=dict(bits=16)), 'activations.bits'),
+    (dict(activations=8), 'activations=8 must be a dict'),
+    (dict(stats=dict(form='full')), 'stats.form'),
+    (dict(points=dict(rank_by='size')), 'points.rank_by'),
+    (dict(points=dict(rank_points_by='output')), r"points: unknown key.*rank_points_by"),
+    (dict(act_bits=8), r"unknown argument.*act_bits.*activations=dict\(bits=\.\.\.\)"),
 ])
 def test_bad_arguments_raise_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -84,7 +87,8 @@ def test_component_the_model_lacks(runner, tmp_path):
 def test_components_skip_report_and_act_bits(runner, tmp_path, caplog):
     r = fresh_runner(runner, tmp_path)
     hook = MultipointQuantHook(bits=4, components={'neck': None, 'head': dict(bits=8, budget=0.0)},
-                               skip=['backbone.conv1', '*.retina_reg', 'nothing.*'], act_bits=8,
+                               skip=['backbone.conv1', '*.retina_reg', 'nothing.*'],
+                               activations=dict(bits=8),
                                calib=dict(num_images=4, batch_size=2))
     from mmengine.logging import MMLogger
     logger = MMLogger.get_instance('mmdet_test_hook')
@@ -125,7 +129,7 @@ def test_budget_is_spent_and_rtn_says_budget_ignored(runner, tmp_path):
     assert s['memory_overhead'] <= 0.1 and s['compute_overhead'] <= 0.1 + 1e-6
     assert max(s['memory_overhead'], s['compute_overhead']) >= 0.09
     r = fresh_runner(runner, tmp_path)
-    MultipointQuantHook(bits=3, budget=0.1, budget_on='memory',
+    MultipointQuantHook(bits=3, budget=0.1, points=dict(budget_on='memory'),
                         calib=dict(num_images=4, batch_size=2)).before_test(r)
     s = json.load(open(osp.join(tmp_path, 'mpq_report.json')))['summary']
     assert 0.09 <= s['memory_overhead'] <= 0.1
@@ -154,7 +158,7 @@ def test_pure_python_config_style(tiny_data, tmp_path):
     cfg = Config.fromfile(str(src))
     from mmdet.registry import HOOKS
     hook = HOOKS.build(cfg.custom_hooks[0])
-    assert isinstance(hook, MultipointQuantHook) and hook.base.bits == 3
+    assert isinstance(hook, MultipointQuantHook) and hook.quantizer.base.bits == 3
 
 
 def test_dict_config_style_and_cfg_options():
@@ -163,7 +167,7 @@ def test_dict_config_style_and_cfg_options():
     cfg.merge_from_dict({'custom_hooks.0.bits': 3})
     from mmdet.registry import HOOKS
     hook = HOOKS.build(cfg.custom_hooks[0])
-    assert hook.base.bits == 3 and hook.base.method == 'multipoint'
+    assert hook.quantizer.base.bits == 3 and hook.quantizer.base.method == 'multipoint'
 
 
 def test_mmcv_wrappers_are_quantized_and_errors_name_the_layer():
@@ -221,15 +225,21 @@ def test_report_picture_and_a_broken_backend_only_warns(runner, tmp_path, monkey
 
 
 @pytest.mark.parametrize('kw,name', [
-    (dict(budget_on='flops'), 'budget_on'), (dict(error_feedback='yes'), 'error_feedback'),
-    (dict(feedback_points=0), 'feedback_points'), (dict(feedback_mode='all'), 'feedback_mode'),
-    (dict(feedback_order=1), 'feedback_order'), (dict(bias_correction=None), 'bias_correction')])
+    (dict(points=dict(budget_on='flops')), 'points.budget_on'),
+    (dict(feedback='yes'), 'feedback=.yes. must be a dict'),
+    (dict(feedback=dict(points=0)), 'feedback.points'), (dict(feedback=dict(mode='all')), 'feedback.mode'),
+    (dict(feedback=dict(order=1)), 'feedback.order'), (dict(bias_correction=None), 'bias_correction'),
+    (dict(stats=dict(sequential=1)), 'stats.sequential'), (dict(calib=dict(seed='0')), 'calib.seed')])
 def test_lever_arguments_are_checked(kw, name):
     with pytest.raises(ValueError, match=name):
         MultipointQuantHook(**kw)
 
 
 def test_lever_settings_are_stored():
-    s = MultipointQuantHook(budget_on='memory', error_feedback=False).settings()
-    assert s['budget_on'] == 'memory' and s['error_feedback'] is False
-    assert {'feedback_points', 'feedback_mode', 'feedback_order', 'bias_correction'} <= set(s)
+    s = MultipointQuantHook(points=dict(budget_on='memory'), feedback=None).settings()
+    assert s['points'] == dict(budget_on='memory', rank_by='output', scales='free')
+    assert s['feedback'] is None and s['bias_correction'] is False
+    # a group given in part keeps the defaults of its other keys
+    s = MultipointQuantHook(feedback=dict(mode='first')).settings()
+    assert s['feedback'] == dict(points=4, mode='first', order=True)
+    assert s['stats'] == dict(form='lowrank', sequential=False) and s['activations'] is None

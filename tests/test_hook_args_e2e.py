@@ -74,19 +74,20 @@ def fp_raw(base_cfg, inputs, tmp_path_factory):
     return raw_outputs(model, *inputs)
 
 
-def test_act_bits(base_cfg, inputs, fp_raw, tmp_path):
-    """act_bits fake-quantizes every quantized layer's input: the outputs move away
+def test_activations(base_cfg, inputs, fp_raw, tmp_path):
+    """activations=dict(bits=A) fake-quantizes every quantized layer's input: the outputs move away
     from the weight-only model's, by a bounded amount that grows as bits shrink."""
     _, w_only, _ = run(base_cfg, tmp_path, 'w', bits=8, budget=0.0)
     ref = raw_outputs(w_only, *inputs)
     errs = {}
     for a in (8, 4):
-        _, m, rep = run(base_cfg, tmp_path, f'a{a}', bits=8, budget=0.0, act_bits=a)
+        _, m, rep = run(base_cfg, tmp_path, f'a{a}', bits=8, budget=0.0,
+                        activations=dict(bits=a))
         q = qlayers(m)
         assert q and all(l.act_bits == a and float(l.act_scale) > 0 for l in q.values())
-        assert rep['summary']['settings']['act_bits'] == a
+        assert rep['summary']['settings']['activations'] == dict(bits=a)
         errs[a] = rel_err(m, ref, inputs)
-    print(f'act_bits: raw-output max rel diff vs weight-only W8: {errs}; '
+    print(f'activations: raw-output max rel diff vs weight-only W8: {errs}; '
           f'W8 weight-only vs FP {max_rel_diff(ref, fp_raw):.2e}')
     assert errs[8] > 1e-4            # it does something
     assert errs[8] < 0.06            # measured 0.021: 8-bit activations keep the detector
@@ -152,11 +153,12 @@ def test_every_h_form(base_cfg, inputs, fp_raw, tmp_path):
     """Each form runs end to end and is the one used: the codes depend on it."""
     codes, errs = {}, {}
     for form in FORMS:
-        _, m, rep = run(base_cfg, tmp_path, form, bits=3, budget=0.05, h_form=form)
-        assert rep['summary']['settings']['h_form'] == form
+        _, m, rep = run(base_cfg, tmp_path, form, bits=3, budget=0.05,
+                        stats=dict(form=form))
+        assert rep['summary']['settings']['stats']['form'] == form
         codes[form] = torch.cat([l.codes.flatten() for l in qlayers(m).values()])
         errs[form] = rel_err(m, fp_raw, inputs)
-    print(f'h_form: W3 raw-output max rel diff vs FP: {errs}')
+    print(f'stats.form: W3 raw-output max rel diff vs FP: {errs}')
     assert all(e < 0.4 for e in errs.values()), errs   # measured 0.18-0.21
     forms = list(FORMS)
     for i, a in enumerate(forms):
@@ -203,12 +205,13 @@ def test_method_ocs_export_reload_to_float(base_cfg, inputs, tmp_path):
     assert diffs['float'] <= 1e-5
 
 
-def test_rank_points_by(base_cfg, tmp_path):
+def test_points_rank_by(base_cfg, tmp_path):
     """The ablation's placements spend the same budget on other channels."""
     npoints, mem = {}, {}
     for by in ('output', 'weight', 'random'):
-        _, m, rep = run(base_cfg, tmp_path, by, bits=3, budget=0.05, rank_points_by=by)
-        assert rep['summary']['settings']['rank_points_by'] == by
+        _, m, rep = run(base_cfg, tmp_path, by, bits=3, budget=0.05,
+                        points=dict(rank_by=by))
+        assert rep['summary']['settings']['points']['rank_by'] == by
         npoints[by] = torch.cat([l.npoints for l in qlayers(m).values()])
         # the binding one of the two bounds (budget_on='both') is spent
         mem[by] = max(rep['summary']['memory_overhead'], rep['summary']['compute_overhead'])
@@ -224,9 +227,9 @@ def test_sequential(base_cfg, tmp_path):
     models, reps = {}, {}
     for seq in (False, True):
         _, models[seq], reps[seq] = run(base_cfg, tmp_path, f'seq_{seq}', bits=3,
-                                        budget=0.05, sequential=seq)
+                                        budget=0.05, stats=dict(sequential=seq))
     summ = reps[True]['summary']
-    assert summ['settings']['sequential'] is True
+    assert summ['settings']['stats']['sequential'] is True
     assert summ['stages'][0] == 'backbone.conv1' and summ['stages'][-2:] == ['neck',
                                                                             'bbox_head']
     assert summ['calib_passes'] == len(summ['stages'])
@@ -240,17 +243,18 @@ def test_sequential(base_cfg, tmp_path):
         assert same == name.startswith('backbone.conv1'), name
     for k in ('memory_overhead', 'compute_overhead'):
         assert summ[k] <= 0.05 + 1e-6
-    with pytest.raises(ValueError, match='sequential'):
-        run(base_cfg, tmp_path, 'seq_bad', sequential='blocks')
+    with pytest.raises(ValueError, match='stats.sequential'):
+        run(base_cfg, tmp_path, 'seq_bad', stats=dict(sequential='blocks'))
 
 
 def test_point_scales_pow2(base_cfg, tmp_path):
-    """point_scales='pow2': every extra point is a power-of-two fraction of its
+    """points.scales='pow2': every extra point is a power-of-two fraction of its
     channel's previous one, so the points merge into int8 rows (deployment runs them
     at no extra compute); the budget is kept as with free scales."""
     from mpq_det.deploy.qdq import merged_points
-    _, m, rep = run(base_cfg, tmp_path, 'pow2', bits=3, budget=0.05, point_scales='pow2')
-    assert rep['summary']['settings']['point_scales'] == 'pow2'
+    _, m, rep = run(base_cfg, tmp_path, 'pow2', bits=3, budget=0.05,
+                        points=dict(scales='pow2'))
+    assert rep['summary']['settings']['points']['scales'] == 'pow2'
     extra = merged = 0
     for layer in qlayers(m).values():
         extra += int(layer.npoints.sum()) - layer.out_channels
@@ -258,5 +262,5 @@ def test_point_scales_pow2(base_cfg, tmp_path):
     assert extra > 0 and merged >= 0.95 * extra, (merged, extra)
     for k in ('memory_overhead', 'compute_overhead'):
         assert rep['summary'][k] <= 0.05 + 1e-6
-    with pytest.raises(ValueError, match='point_scales'):
-        run(base_cfg, tmp_path, 'pow2_bad', point_scales='int8')
+    with pytest.raises(ValueError, match='points.scales'):
+        run(base_cfg, tmp_path, 'pow2_bad', points=dict(scales='int8'))

@@ -7,7 +7,7 @@ from torch import nn
 from mpq_det.model_pass import (QuantSettings, StatsCollector, plan_layers,
                                 quantize_model, quantize_model_sequential, summarize)
 from mpq_det.quant import InputStats, greedy_multipoint, quantize_points
-from mpq_det.quant.stats import ExactH
+from mpq_det.quant.hforms import ExactH
 
 from conftest import gen
 

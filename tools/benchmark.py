@@ -10,7 +10,7 @@ The sweep (per detector):
   * FP;
   * method rtn and mse at every --bits (one point, no budget);
   * method multipoint at every --bits x --budgets, ocs at every --bits x nonzero budget;
-  * W4A8 and W8A8 (act_bits=8, budget 0.05) for multipoint and rtn;
+  * W4A8 and W8A8 (activations=dict(bits=8), budget 0.05) for multipoint and rtn;
   * optimum-quanto qint2/qint4/qint8, weight-only, eager swap, its effective bits
     counted like ours (codes + stored scales and shifts; FP layers at 32).
 With --ablation, also: where the extra points go (output error, weight error, random;
@@ -38,12 +38,12 @@ BOTH_METRICS = [dict(type='CocoMetric', metric='bbox', format_only=False),
                 dict(type='NamedVOCMetric', metric='mAP', eval_mode='11points')]
 # hook kwargs that switch each accuracy lever off (the --ablation's last group)
 LEVERS = {
-    'error feedback': dict(error_feedback=False),
-    'act-order': dict(feedback_order=False),
-    'joint feedback': dict(feedback_mode='first'),
-    'compute bound': dict(budget_on='memory'),
+    'error feedback': dict(feedback=None),
+    'act-order': dict(feedback=dict(order=False)),
+    'joint feedback': dict(feedback=dict(mode='first')),
+    'compute bound': dict(points=dict(budget_on='memory')),
     'global allocation': dict(allocation='layer'),
-    'output-space scales': dict(h_form='identity'),
+    'output-space scales': dict(stats=dict(form='identity')),
 }
 
 

@@ -14,9 +14,9 @@ from .multipoint import (DEFAULT_LLOYD, DEFAULT_N_CANDIDATES, DEFAULT_N_REFINE,
                          merge_pow2, pow2_room, quantize_points, residual,
                          select_points)
 from .packing import pack_codes, packed_nbytes, unpack_codes
-from .stats import (DEFAULT_FORM, DEFAULT_FORM_OPTS, FEEDBACK_MAX_D, FORMS, BlockH,
-                    DiagH, ExactH, HForm, IdentityH, InputStats, LowRankH, conv_patches,
-                    feedback_block_size, hform_from_dense, identity_hform, linear_rows,
+from .hforms import (DEFAULT_FORM, DEFAULT_FORM_OPTS, FORMS, BlockH, DiagH, ExactH, HForm,
+                     IdentityH, LowRankH, hform_from_dense, identity_hform)
+from .stats import (FEEDBACK_MAX_D, InputStats, conv_patches, feedback_block_size, linear_rows,
                     random_correlated_rows, random_hform)
 
 __all__ = [

@@ -53,7 +53,7 @@ from .levels import LevelRows, expanded_rows
 from .multipoint import (DEFAULT_LLOYD, DEFAULT_N_CANDIDATES, DEFAULT_N_REFINE,
                          PointSet, QuantizedWeight,
                          extend_points, greedy_multipoint, select_points)
-from .stats import HForm
+from .hforms import HForm
 
 MODES = ('global', 'layer')
 BY = ('output', 'weight', 'random')

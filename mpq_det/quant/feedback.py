@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .grid import check_bits, qmax
-from .stats import BlockH, ExactH, HForm
+from .hforms import BlockH, ExactH, HForm
 
 DEFAULT_BLOCK = 128
 _GATHER_MAX = 2 ** 25   # floats gathered at most for per-row coefficient matrices

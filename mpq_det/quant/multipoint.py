@@ -36,7 +36,7 @@ from torch import Tensor
 from .grid import (check_bits, check_choice, check_max_points, check_positive_int,
                    check_weight, qmax)
 from .feedback import Feedback
-from .stats import HForm, IdentityH
+from .hforms import HForm, IdentityH
 
 DEFAULT_N_CANDIDATES = 16
 DEFAULT_N_REFINE = 8     # fine candidates around the best coarse ratio
