@@ -1,3 +1,0 @@
-source "$(dirname "$0")/common.sh"
-ablation fcos_r18q
-echo BATCH DONE
