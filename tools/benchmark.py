@@ -66,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--threads', type=int, default=1, help='torch intra-op threads')
     p.add_argument('--report-only', action='store_true',
                    help='run nothing: write results.md and the plots from DIR/results.json')
+    p.add_argument('--summary', action='store_true',
+                   help='also print and write DIR/summary.md: the headline table (multipoint '
+                        'at W4/W3/W2 against the best baseline and quanto, with bits per '
+                        'weight) and, with the ablation, where the extra points go')
     a = p.parse_args(argv)
     if (a.config is None) != (a.checkpoint is None):
         p.error('give both CONFIG and CHECKPOINT, or neither')
@@ -79,6 +83,84 @@ def our_cfg(det: str):
     ev[0]['ann_file'] = cfg.test_evaluator.ann_file
     cfg.test_evaluator = ev
     return cfg
+
+
+NAMES = {'retinanet_r18q': 'RetinaNet', 'fcos_r18q': 'FCOS',
+         'faster_rcnn_r18q': 'Faster R-CNN', 'ssdlite_mbv2q': 'SSDLite'}
+
+
+def summary_markdown(rows: list, mets: list) -> str:
+    """The headline table: per detector FP, then multipoint at W4/W3 (budget 0.05) and W2
+    (0.1), each with the best of rtn, mse and ocs at the same budget (by the last metric,
+    COCO mAP for ours) and quanto's qint4/qint2; cells are metrics x100 with the bits per
+    weight in brackets. With the ablation's placement cells, a second table: the last
+    metric with the extra points ranked by output error, weight error or at random, per
+    layer and across layers."""
+    key = mets[-1][0]
+    fmts = {'pascal_voc/mAP': '.2f', 'coco/bbox_mAP': '.1f'}
+
+    def grp(h, name):  # a hook argument group, or the flat names of older results.json
+        flat = {'activations': 'act_bits', 'points': 'rank_points_by'}[name]
+        return (h.get(name) or {}).get('bits' if name == 'activations' else 'rank_by',
+                                        h.get(flat))
+
+    def cell(r, label=''):
+        if r is None:
+            return '-'
+        c = ' / '.join(format(100 * r['metrics'][k], fmts.get(k, '.2f')) for k, _ in mets)
+        if r['kind'] != 'fp':
+            c += f" ({r['bits_per_weight']:.2f})"
+        return f'{label} {c}'.strip()
+
+    def find(det, **want):
+        for r in rows:
+            h = r.get('hook') or {}
+            if r['detector'] != det or r['group'] != 'sweep' or (h and grp(h, 'activations')):
+                continue
+            got = dict(kind=r['kind'], quanto=r.get('quanto'), method=h.get('method'),
+                       bits=h.get('bits'), budget=h.get('budget'))
+            if all(got[k] == v for k, v in want.items()):
+                return r
+        return None
+
+    metric = ' / '.join(lab for _, lab in mets)
+    out = [f'{metric} (x100), effective bits per weight in brackets', '',
+           '| detector | FP | W4: multipoint / best baseline / quanto qint4 | '
+           'W3: multipoint / best baseline | W2: multipoint / best baseline / quanto qint2 |',
+           '|---|---|---|---|---|']
+    dets = list(dict.fromkeys(r['detector'] for r in rows))
+    for det in dets:
+        cells = [NAMES.get(det, det), cell(find(det, kind='fp'))]
+        for bits, budget, q in ((4, 0.05, 'qint4'), (3, 0.05, None), (2, 0.1, 'qint2')):
+            base = [(m, find(det, kind='mpq', method=m, bits=bits,
+                             **({'budget': budget} if m == 'ocs' else {})))
+                    for m in ('rtn', 'mse', 'ocs')]
+            base = [(m, r) for m, r in base if r is not None and key in r['metrics']]
+            parts = [cell(find(det, kind='mpq', method='multipoint', bits=bits, budget=budget))]
+            if base:
+                m, r = max(base, key=lambda t: t[1]['metrics'][key])
+                parts.append(cell(r, m))
+            if q:
+                parts.append(cell(find(det, kind='quanto', quanto=q)))
+            cells.append(' · '.join(parts))
+        out.append('| ' + ' | '.join(cells) + ' |')
+    place = [r for r in rows if r['group'] == 'placement']
+    if place:
+        lab = mets[-1][1]
+        out += ['', f'Where the extra points go ({lab} x100; W3 budget 0.05, W2 budget 0.1)', '',
+                '| detector | per layer: output / weight / random | '
+                'across layers: output / weight / random |', '|---|---|---|']
+        for det in dets:
+            for bits in (3, 2):
+                cells = []
+                for alloc in ('layer', 'global'):
+                    v = {grp(r['hook'], 'points'): r for r in place if r['detector'] == det
+                         and r['hook']['bits'] == bits and r['hook'].get('allocation') == alloc}
+                    cells.append(' / '.join(
+                        format(100 * v[b]['metrics'][key], fmts.get(key, '.2f'))
+                        if b in v else '-' for b in ('output', 'weight', 'random')))
+                out.append(f'| {NAMES.get(det, det)} W{bits} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(out) + '\n'
 
 
 def main(argv=None) -> int:
@@ -118,6 +200,11 @@ def main(argv=None) -> int:
     print(md)
     for path in bm.plot_results(rows, a.out):
         print('wrote', path)
+    if a.summary:
+        md = summary_markdown(rows, bm.metric_names(rows))
+        with open(osp.join(a.out, 'summary.md'), 'w') as f:
+            f.write(md)
+        print(md)
     return 0
 
 
