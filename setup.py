@@ -6,6 +6,8 @@ setup(
     description='Post-training multipoint quantization for MMDetection 3.x detectors',
     packages=find_packages(include=['mpq_det', 'mpq_det.*']),
     python_requires='>=3.9',
-    install_requires=['torch', 'mmengine>=0.10', 'mmdet>=3.3'],
-    extras_require={'onnx': ['onnx', 'onnxruntime']},
+    # the core, the modules and the model pass need torch only; the hook needs mmdet
+    install_requires=['torch'],
+    extras_require={'mmdet': ['mmengine>=0.10', 'mmdet>=3.3,<3.4', 'mmcv>=2.0,<2.2'],
+                    'onnx': ['onnx', 'onnxruntime']},
 )

@@ -264,3 +264,102 @@ def test_point_scales_pow2(base_cfg, tmp_path):
         assert rep['summary'][k] <= 0.05 + 1e-6
     with pytest.raises(ValueError, match='points.scales'):
         run(base_cfg, tmp_path, 'pow2_bad', points=dict(scales='int8'))
+
+
+# Each lever flipped from its default, as a user would write it in the config. A hook
+# (or quantizer) that dropped the value would quantize both runs alike, so every flip
+# must change the quantized layers of the trained RetinaNet at W2, budget 0.1 (where
+# channels get 2 to 4 points, so that max_points and feedback.points bind).
+LEVER_FLIPS = {
+    'feedback': dict(feedback=None),
+    'feedback.points': dict(feedback=dict(points=1)),
+    'feedback.mode': dict(feedback=dict(mode='first')),
+    'feedback.order': dict(feedback=dict(order=False)),
+    'points.budget_on': dict(points=dict(budget_on='memory')),
+    'points.rank_by': dict(points=dict(rank_by='weight')),
+    'points.scales': dict(points=dict(scales='pow2')),
+    'stats.form': dict(stats=dict(form='diag')),
+    'stats.sequential': dict(stats=dict(sequential='components')),
+    'bias_correction': dict(bias_correction=True),
+    'allocation': dict(allocation='layer'),
+    'max_points': dict(max_points=2),
+    'activations': dict(activations=dict(bits=8)),
+}
+LEVER_RUN = dict(bits=2, budget=0.1, report=False)
+
+
+@pytest.fixture(scope='module')
+def lever_model(base_cfg):
+    """The float RetinaNet, loaded once; each flip quantizes a copy of it."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import load_checkpoint
+    init_default_scope('mmdet')
+    model = MODELS.build(base_cfg.model)
+    load_checkpoint(model, CKPT, map_location='cpu', logger='silent')
+    return model.eval()
+
+
+def quantize_copy(base_cfg, model, tmp_path, **hook):
+    """The hook's before_test on a copy of ``model`` (no test loop: only the quantized
+    layers are compared); returns (model, hook)."""
+    from types import SimpleNamespace
+    from mmengine.registry import HOOKS
+    m = copy.deepcopy(model)
+    h = HOOKS.build(dict(type='MultipointQuantHook', calib=CALIB, **LEVER_RUN, **hook))
+    h.before_test(SimpleNamespace(model=m, cfg=base_cfg, work_dir=str(tmp_path),
+                                  _train_loop=None))
+    return m, h
+
+
+def layer_state(model) -> dict:
+    out = {}
+    for n, l in qlayers(model).items():
+        out[n] = (l.quantized_weight().dequantize(), l.npoints,
+                  None if l.bias is None else l.bias.detach().clone(),
+                  None if l.act_bits is None else float(l.act_scale))
+    return out
+
+
+def same_layers(a: dict, b: dict) -> bool:
+    def eq(x, y):
+        if x is None or y is None or isinstance(x, float):
+            return x == y
+        return x.shape == y.shape and torch.equal(x, y)
+    return a.keys() == b.keys() and all(eq(x, y) for n in a for x, y in zip(a[n], b[n]))
+
+
+@pytest.fixture(scope='module')
+def lever_default(base_cfg, lever_model, tmp_path_factory):
+    m, h = quantize_copy(base_cfg, lever_model, tmp_path_factory.mktemp('lever_default'))
+    return layer_state(m), h
+
+
+def test_the_defaults_run_twice_alike(base_cfg, lever_model, lever_default, tmp_path):
+    """Without this, a flip could differ from the default by chance alone."""
+    m, _ = quantize_copy(base_cfg, lever_model, tmp_path)
+    assert same_layers(layer_state(m), lever_default[0])
+
+
+@pytest.mark.parametrize('lever', list(LEVER_FLIPS))
+def test_every_lever_reaches_the_quantized_layers(base_cfg, lever_model, lever_default,
+                                                  tmp_path, lever):
+    m, h = quantize_copy(base_cfg, lever_model, tmp_path, **LEVER_FLIPS[lever])
+    group, _, key = lever.partition('.')
+    # the settings the export stores say what was asked ...
+    flip = LEVER_FLIPS[lever][group]
+    stored = h.settings()[group] if group in h.settings() else h.settings()['base'][group]
+    assert stored == flip or (key and stored[key] == flip[key]), (lever, stored)
+    # ... and the layers show it
+    assert not same_layers(layer_state(m), lever_default[0]), lever
+
+
+def test_error_feedback_lowers_the_output_error(base_cfg, lever_model, lever_default,
+                                                tmp_path):
+    """The lever that pays most, guarded by its effect as well: the report's output
+    error after all points, summed over layers, is lower with feedback than without."""
+    _, h_off = quantize_copy(base_cfg, lever_model, tmp_path, feedback=None)
+    err = {k: sum(r['rel_err_final'] for r in h.result.layers if r['rel_err_final'])
+           for k, h in (('on', lever_default[1]), ('off', h_off))}
+    print(f'summed relative output error at W2 b0.1: {err}')
+    assert err['on'] < 0.9 * err['off'], err

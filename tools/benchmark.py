@@ -96,13 +96,9 @@ def summary_markdown(rows: list, mets: list) -> str:
     weight in brackets. With the ablation's placement cells, a second table: the last
     metric with the extra points ranked by output error, weight error or at random, per
     layer and across layers."""
+    from mpq_det.benchmark import act_bits
     key = mets[-1][0]
     fmts = {'pascal_voc/mAP': '.2f', 'coco/bbox_mAP': '.1f'}
-
-    def grp(h, name):  # a hook argument group, or the flat names of older results.json
-        flat = {'activations': 'act_bits', 'points': 'rank_points_by'}[name]
-        return (h.get(name) or {}).get('bits' if name == 'activations' else 'rank_by',
-                                        h.get(flat))
 
     def cell(r, label=''):
         if r is None:
@@ -115,7 +111,7 @@ def summary_markdown(rows: list, mets: list) -> str:
     def find(det, **want):
         for r in rows:
             h = r.get('hook') or {}
-            if r['detector'] != det or r['group'] != 'sweep' or (h and grp(h, 'activations')):
+            if r['detector'] != det or r['group'] != 'sweep' or (h and act_bits(h)):
                 continue
             got = dict(kind=r['kind'], quanto=r.get('quanto'), method=h.get('method'),
                        bits=h.get('bits'), budget=h.get('budget'))
@@ -154,7 +150,7 @@ def summary_markdown(rows: list, mets: list) -> str:
             for bits in (3, 2):
                 cells = []
                 for alloc in ('layer', 'global'):
-                    v = {grp(r['hook'], 'points'): r for r in place if r['detector'] == det
+                    v = {r['hook']['points']['rank_by']: r for r in place if r['detector'] == det
                          and r['hook']['bits'] == bits and r['hook'].get('allocation') == alloc}
                     cells.append(' / '.join(
                         format(100 * v[b]['metrics'][key], fmts.get(key, '.2f'))
