@@ -20,7 +20,7 @@ from .calibration import build_calib_loader, run_calibration
 from .model_pass import QUANTIZABLE, QuantResult, summarize
 from .qstate import apply_quantized_state, quantized_state
 from .quantizer import MultipointQuantizer
-from .report import format_report, plot_report
+from .report import format_report, overheads, plot_report
 
 
 def _register_mmcv_wrappers() -> None:
@@ -52,8 +52,9 @@ class MultipointQuantHook(Hook):
     a table per group)::
 
         bits=4, method='multipoint', budget=0.05, allocation='global', max_points=4,
+        grid='symmetric', target='lowbit',
         components=None, skip=(), layer_bits=None,
-        points=dict(budget_on='both', rank_by='output', scales='free'),
+        points=dict(budget_on='both', rank_by='output', scales=None),  # None: target's
         feedback=dict(points=4, mode='joint', order=True),     # None: off
         stats=dict(form='lowrank', sequential=False),
         bias_correction=False,
@@ -112,9 +113,8 @@ class MultipointQuantHook(Hook):
         quantized model is what the user came for."""
         path = osp.join(work_dir, 'mpq_report.png')
         s = self.result.summary
-        title = (f'{len(self.result.layers)} layers, {s.get("bits_per_weight", 0):.3f} bits/weight, '
-                 f'memory +{s.get("memory_overhead", 0):.1%}, compute '
-                 f'+{s.get("compute_overhead", 0):.1%}')
+        title = (f'{len(self.result.layers)} layers, {s.get("bits_per_weight", 0):.3f} '
+                 f'bits/weight\n{overheads(s)}')
         try:
             plot_report(self.result.layers, path, title)
         except Exception as e:  # noqa: BLE001  (any backend or font failure)

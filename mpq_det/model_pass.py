@@ -21,8 +21,9 @@ from .qstate import swap_module
 from .quant import (BUDGET_ON, DEFAULT_FORM, InputStats, QuantizedWeight, check_bits,
                     check_budget, check_max_points, conv_patches, linear_rows,
                     multipoint_quantize, mse_qw, ocs, quantize_points, rtn_qw)
-from .quant.grid import check_choice, torch_threads
-from .quant.multipoint import POINT_SCALES
+from .quant.allocation import TARGETS
+from .quant.grid import GRIDS, check_choice, torch_threads
+from .quant.multipoint import POINT_SCALES, int8_rows
 from .quant.levels import expanded_rows
 
 METHODS = ('multipoint', 'rtn', 'mse', 'ocs')
@@ -260,19 +261,21 @@ def positions_per_image(ls: LayerStats | None, n_images: int) -> float:
     return ls.out_positions / max(n_images, 1)
 
 
-def _quantize_one(p: LayerPlan) -> tuple[QuantizedWeight, Tensor | None]:
-    """rtn / mse / ocs: one layer on its own. Returns (weight, OCS input index)."""
+def _quantize_one(p: LayerPlan, grid: str = 'symmetric'
+                  ) -> tuple[QuantizedWeight, Tensor | None]:
+    """rtn / mse / ocs: one layer on its own, codes on ``grid``. Returns (weight, OCS
+    input index)."""
     s, m = p.settings, p.module
     W = weight_2d(m)
     if s.method == 'rtn':
-        return rtn_qw(W, s.bits), None
+        return rtn_qw(W, s.bits, grid), None
     if s.method == 'mse':
-        return mse_qw(W, s.bits), None
+        return mse_qw(W, s.bits, grid=grid), None
     if getattr(m, 'groups', 1) != 1:
         # splitting an input channel of a grouped conv would change its group sizes
-        return rtn_qw(W, s.bits), None
+        return rtn_qw(W, s.bits, grid), None
     # OCS splits input channels, so it works on the (C_out, C_in, *k) weight.
-    qw, in_index = ocs(m.weight.detach().float(), s.bits, s.budget)
+    qw, in_index = ocs(m.weight.detach().float(), s.bits, s.budget, grid)
     return qw, in_index
 
 
@@ -281,8 +284,8 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
                    seed: int = 0, error_feedback: bool = False, feedback_points: int = 4,
                    budget_on: str = 'both', feedback_mode: str = 'joint',
                    feedback_order: bool = True, bias_correction: bool = False,
-                   rank_points_by: str = 'output', point_scales: str = 'free'
-                   ) -> QuantResult:
+                   rank_points_by: str = 'output', point_scales: str = 'free',
+                   grid: str = 'symmetric', target: str = 'lowbit') -> QuantResult:
     """Quantizes the planned layers in place and returns the per-layer report rows.
 
     ``error_feedback``: error feedback on 1..``feedback_points`` points of every
@@ -298,17 +301,21 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
     ``point_scales`` 'pow2': a channel's further points have power-of-two scale
     ratios to its first, so that on int8 hardware they merge into one int8 row
     (``mpq_det.quant.greedy_multipoint``); 'free' (the default): any scale.
+    ``grid``: the code grid of every method, 'symmetric' (2^b - 1 levels) or 'full'
+    (all 2^b codes, ``mpq_det.quant.grid``). ``target``: how the allocation counts
+    compute, and what the report rows call deployed: 'lowbit' (each point a row) or
+    'int8' (points merged into one int8 row cost nothing, ``mpq_det.quant.allocate``).
     """
     t0 = time.perf_counter()
     opts = _PassOptions(seed, error_feedback, feedback_points, budget_on, feedback_mode,
-                        feedback_order, rank_points_by, point_scales)
+                        feedback_order, rank_points_by, point_scales, grid, target)
     n_images = num_images(stats) if stats else 1
     qws, errs = _quantize_layers(plans, stats, n_images, opts)
     res = QuantResult()
     for p in plans:
         _apply(model, p, qws[p.name], stats, act_bits, bias_correction, errs.get(p.name),
-               n_images, res)
-    res.summary['quant_time_s'] = time.perf_counter() - t0
+               n_images, res, target)
+    res.summary.update(quant_time_s=time.perf_counter() - t0, target=target)
     return res
 
 
@@ -322,10 +329,14 @@ class _PassOptions:
     feedback_order: bool = True
     rank_points_by: str = 'output'
     point_scales: str = 'free'
+    grid: str = 'symmetric'
+    target: str = 'lowbit'
 
     def __post_init__(self):
         check_choice(self.budget_on, 'budget_on', BUDGET_ON)
         check_choice(self.point_scales, 'point_scales', POINT_SCALES)
+        check_choice(self.grid, 'grid', GRIDS)
+        check_choice(self.target, 'target', TARGETS)
 
 
 def _quantize_layers(plans: list[LayerPlan], stats: dict[str, LayerStats] | None,
@@ -345,7 +356,7 @@ def _quantize_layers(plans: list[LayerPlan], stats: dict[str, LayerStats] | None
                 if p.settings.allocation == 'global' else ('layer', p.name)
             groups.setdefault(key, []).append(p)
         else:
-            qws[p.name] = _quantize_one(p)
+            qws[p.name] = _quantize_one(p, o.grid)
     errs: dict[str, tuple[float, float, float]] = {}
     for members in groups.values():
         s = members[0].settings
@@ -360,12 +371,14 @@ def _quantize_layers(plans: list[LayerPlan], stats: dict[str, LayerStats] | None
                 Ws, Hs, [p.settings.bits for p in members], s.budget, s.allocation,
                 s.max_points, by=o.rank_points_by, seed=o.seed, positions=pos,
                 budget_on=o.budget_on, feedbacks=fbs, fb_points=o.feedback_points,
-                fb_mode=o.feedback_mode, pow2=o.point_scales == 'pow2')
+                fb_mode=o.feedback_mode, pow2=o.point_scales == 'pow2', grid=o.grid,
+                target=o.target)
         else:
             with torch_threads(1):   # as multipoint_quantize: one thread is fastest here
                 out, pss = zip(*[quantize_points(
                     W, H, p.settings.bits, npoints[p.name], s.max_points, fb,
-                    o.feedback_points, o.feedback_mode, pow2=o.point_scales == 'pow2')
+                    o.feedback_points, o.feedback_mode, pow2=o.point_scales == 'pow2',
+                    grid=o.grid)
                     for p, W, H, fb in
                     zip(members, Ws, Hs, fbs)])
         for p, qw, ps in zip(members, out, pss):
@@ -378,7 +391,8 @@ def _quantize_layers(plans: list[LayerPlan], stats: dict[str, LayerStats] | None
 
 def _apply(model: nn.Module, p: LayerPlan, qw_index: tuple[QuantizedWeight, Tensor | None],
            stats: dict[str, LayerStats] | None, act_bits: int | None,
-           bias_correction: bool, err, n_images: int, res: QuantResult) -> None:
+           bias_correction: bool, err, n_images: int, res: QuantResult,
+           target: str = 'lowbit') -> None:
     """Swaps layer ``p`` for its quantized module and adds its report row."""
     qw, in_index = qw_index
     m = p.module
@@ -391,7 +405,7 @@ def _apply(model: nn.Module, p: LayerPlan, qw_index: tuple[QuantizedWeight, Tens
     if act_bits is not None and ls is not None and ls.act_max >= ls.act_min:
         q.set_act_range(ls.act_min, ls.act_max, act_bits=act_bits)
     swap_module(model, p.name, q)
-    res.layers.append(_layer_row(p, qw, in_index, ls, err, n_images))
+    res.layers.append(_layer_row(p, qw, in_index, ls, err, n_images, target))
 
 
 def quantize_model_sequential(model: nn.Module, plans: list[LayerPlan],
@@ -402,7 +416,8 @@ def quantize_model_sequential(model: nn.Module, plans: list[LayerPlan],
                               feedback_points: int = 4, budget_on: str = 'both',
                               feedback_mode: str = 'joint', feedback_order: bool = True,
                               bias_correction: bool = False, rank_points_by: str = 'output',
-                              point_scales: str = 'free',
+                              point_scales: str = 'free', grid: str = 'symmetric',
+                              target: str = 'lowbit',
                               unpaired: Callable[[str], bool] = lambda stage: False
                               ) -> QuantResult:
     """Sequential statistics: quantizes ``plans`` stage by stage in forward order,
@@ -432,7 +447,7 @@ def quantize_model_sequential(model: nn.Module, plans: list[LayerPlan],
     forwards; ``calib_passes`` counts them.
     """
     o = _PassOptions(seed, error_feedback, feedback_points, budget_on, feedback_mode,
-                     feedback_order, rank_points_by, point_scales)
+                     feedback_order, rank_points_by, point_scales, grid, target)
     copts = dict(collector or {}, feedback=error_feedback)
     stages: list[str] = []
     for p in plans:
@@ -465,10 +480,10 @@ def quantize_model_sequential(model: nn.Module, plans: list[LayerPlan],
             quant_time += time.perf_counter() - t0
         for p in members:
             _apply(model, p, qws[p.name], stats, act_bits, bias_correction,
-                   errs.get(p.name), n_images, res)
+                   errs.get(p.name), n_images, res, target)
     order = {p.name: i for i, p in enumerate(plans)}
     res.layers.sort(key=lambda r: order[r['name']])
-    res.summary.update(quant_time_s=quant_time, stages=stages,
+    res.summary.update(quant_time_s=quant_time, stages=stages, target=target,
                        sequential_stages=[st for st in stages[1:] if not unpaired(st)])
     res.summary['calib_passes'] = 1 + len(res.summary['sequential_stages'])
     return res
@@ -491,7 +506,7 @@ def _mean_shift(m: nn.Module, qw: QuantizedWeight, st: InputStats) -> Tensor:
 
 def _layer_row(p: LayerPlan, qw: QuantizedWeight, in_index: Tensor | None,
                ls: LayerStats | None, err: tuple[float, float, float] | None,
-               n_images: int = 1) -> dict:
+               n_images: int = 1, target: str = 'lowbit') -> dict:
     m, s = p.module, p.settings
     C, d = m.weight.shape[0], m.weight[0].numel()
     G = getattr(m, 'groups', 1)
@@ -504,12 +519,20 @@ def _layer_row(p: LayerPlan, qw: QuantizedWeight, in_index: Tensor | None,
     rows_run = expanded_rows(qw.npoints, G)
     comp_over = (rows_run * d_stored - C * d) / (C * d)
     macs = C * d * positions_per_image(ls, n_images)
+    # as deployed on the target: on int8, a channel's merged points are one row (no
+    # extra compute) stored as int8 codes (8 bits per weight instead of b)
+    dep_rows, merged = int8_rows(qw) if target == 'int8' else (qw.npoints, qw.npoints * 0)
+    dep_bits = d_stored * (int(dep_rows.sum()) * qw.bits +
+                           int((merged > 1).sum()) * max(8 - qw.bits, 0))
     row = dict(name=p.name, component=p.component, type=type(m).__name__,
                shape=list(m.weight.shape), bits=qw.bits, method=s.method,
                points_mean=rows / C, points_max=int(qw.npoints.max()),
                mem_overhead=mem_over, compute_overhead=comp_over,
+               mem_overhead_deployed=(dep_bits - qw.bits * C * d) / (qw.bits * C * d),
+               compute_overhead_deployed=(expanded_rows(dep_rows, G) * d_stored - C * d)
+               / (C * d),
                macs_per_image=macs, weights=C * d, stored_weights=rows * d_stored,
-               scales=int(qw.scales.numel()))
+               stored_bits_deployed=dep_bits, scales=int(qw.scales.numel()))
     if err is not None:
         row.update(rel_err_1pt=err[1], rel_err_final=err[2])
     else:
@@ -535,6 +558,11 @@ def summarize(res: QuantResult, model: nn.Module, plans: list[LayerPlan]) -> dic
     q_storage = sum(r['bits'] * r['weights'] for r in res.layers)
     macs = sum(r['macs_per_image'] for r in res.layers)
     extra_macs = sum(r['macs_per_image'] * r['compute_overhead'] for r in res.layers)
+    dep_bits = sum(r.get('stored_bits_deployed', r['bits'] * r['stored_weights'])
+                   for r in res.layers)
+    dep_macs = sum(r['macs_per_image'] * r.get('compute_overhead_deployed',
+                                               r['compute_overhead'])
+                   for r in res.layers)
     return dict(
         quantized_layers=len(res.layers), fp_layers=len(res.skipped),
         quantized_weights=q_weights, fp_weights=fp_weights,
@@ -542,4 +570,6 @@ def summarize(res: QuantResult, model: nn.Module, plans: list[LayerPlan]) -> dic
         bits_per_quantized_weight=q_bits / max(q_weights, 1),
         memory_overhead=extra / max(q_storage, 1),
         compute_overhead=extra_macs / max(macs, 1),
+        memory_overhead_deployed=(dep_bits - q_storage) / max(q_storage, 1),
+        compute_overhead_deployed=dep_macs / max(macs, 1),
     )

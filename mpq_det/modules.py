@@ -46,6 +46,7 @@ class _QuantBase(nn.Module):
                     act_symmetric: bool):
         qw.validate()
         self.bits = qw.bits
+        self.grid = qw.grid
         self.register_buffer('codes', qw.codes.detach().clone().to(torch.int8))
         self.register_buffer('scales', qw.scales.detach().clone().float())
         self.register_buffer('npoints', qw.npoints.detach().clone().to(torch.int64))
@@ -76,7 +77,7 @@ class _QuantBase(nn.Module):
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.codes.cpu(), self.scales.cpu(),
-                               self.npoints.cpu(), self.bits)
+                               self.npoints.cpu(), self.bits, self.grid)
 
     def set_act_range(self, min_val: float, max_val: float,
                       act_bits: int | None = None, symmetric: bool | None = None):

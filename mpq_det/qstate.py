@@ -27,6 +27,7 @@ def quantized_state(model: nn.Module) -> dict[str, dict]:
         if isinstance(m, (QConv2d, QLinear)):
             out[name] = dict(
                 kind='conv2d' if isinstance(m, QConv2d) else 'linear', bits=m.bits,
+                grid=m.grid,
                 codes=m.codes.cpu(), scales=m.scales.cpu(), npoints=m.npoints.cpu(),
                 in_index=None if m.in_index is None else m.in_index.cpu(),
                 act_bits=m.act_bits, act_symmetric=m.act_symmetric,
@@ -41,7 +42,9 @@ def apply_quantized_state(model: nn.Module, state: dict[str, dict]) -> None:
         cls = _KINDS[s['kind']]
         if isinstance(m, (QConv2d, QLinear)):
             raise ValueError(f'layer {name!r} is already quantized')
-        qw = QuantizedWeight(s['codes'], s['scales'], s['npoints'], s['bits'])
+        # states written before the full grid existed hold symmetric codes
+        qw = QuantizedWeight(s['codes'], s['scales'], s['npoints'], s['bits'],
+                             s.get('grid', 'symmetric'))
         q = cls.from_float(m, qw, in_index=s['in_index'], act_bits=s['act_bits'],
                            act_symmetric=s['act_symmetric'])
         q.act_scale.copy_(s['act_scale'])

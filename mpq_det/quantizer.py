@@ -12,6 +12,9 @@ Arguments, one table per group in docs/hook.md:
 
 * per-component weight settings: ``bits``, ``method``, ``budget``, ``allocation``,
   ``max_points`` (each may be overridden in ``components``);
+* ``grid``: the code grid of every layer, 'full' (all 2^b codes) or 'symmetric';
+* ``target``: where the model runs, 'int8' or 'lowbit', which sets the defaults of
+  ``points.scales`` and how the budget counts compute (``TARGETS``);
 * which layers: ``components``, ``skip``, ``layer_bits``;
 * ``points``: what the budget bounds, how extra points are ranked, their scales;
 * ``feedback``: error feedback (None: off);
@@ -29,8 +32,8 @@ import torch
 from .components import COMPONENTS, component_of, runs_on_proposals, stage_of
 from .model_pass import (QuantResult, QuantSettings, StatsCollector, plan_layers,
                          quantize_model, quantize_model_sequential)
-from .quant import BUDGET_ON, DEFAULT_FORM, FORMS, check_bits
-from .quant.allocation import BY
+from .quant import BUDGET_ON, DEFAULT_FORM, FORMS, GRIDS, check_bits
+from .quant.allocation import BY, TARGETS
 from .quant.multipoint import FB_MODES, POINT_SCALES
 
 SETTING_KEYS = ('bits', 'method', 'budget', 'allocation', 'max_points')
@@ -71,12 +74,26 @@ def _bits(name: str, value: Any) -> int:
     return check_bits(value, name)
 
 
+# target -> the defaults it gives the points group; the explicit keys win. 'int8': a
+# channel's points at power-of-two scale ratios merge into one int8 row, and the
+# budget counts compute as the int8 graph pays it (merged points free, any other
+# point its rows); 'lowbit': hardware that runs b-bit codes as they are, each point a
+# row of MACs (the paper's setting)
+TARGET_POINTS = {'int8': dict(scales='pow2'), 'lowbit': dict(scales='free')}
+
+
+def _or_target(allowed: tuple) -> Callable[[str, Any], Any]:
+    """A choice among ``allowed``, or None: the target's default."""
+    check = _choice(allowed)
+    return lambda name, value: None if value is None else check(name, value)
+
+
 # group -> {key: (default, validator)}. A group given as a dict is merged into its
 # defaults; the groups in NULLABLE may also be None (the lever off).
 GROUPS: dict[str, dict[str, tuple[Any, Callable[[str, Any], Any]]]] = {
     'points': dict(budget_on=('both', _choice(BUDGET_ON)),
                    rank_by=('output', _choice(BY)),
-                   scales=('free', _choice(POINT_SCALES))),
+                   scales=(None, _or_target(POINT_SCALES))),
     'feedback': dict(points=(4, _positive_int), mode=('joint', _choice(FB_MODES)),
                      order=(True, _flag)),
     'stats': dict(form=(DEFAULT_FORM, _choice(tuple(FORMS))),
@@ -124,8 +141,11 @@ class MultipointQuantizer:
                  feedback: dict | None = DEFAULTS['feedback'],
                  stats: dict | None = DEFAULTS['stats'], bias_correction: bool = False,
                  activations: dict | None = DEFAULTS['activations'],
-                 calib: dict | None = DEFAULTS['calib']) -> None:
+                 calib: dict | None = DEFAULTS['calib'], grid: str = 'symmetric',
+                 target: str = 'lowbit') -> None:
         self.base = QuantSettings(bits, method, budget, allocation, max_points)
+        self.grid = _choice(GRIDS)('grid', grid)
+        self.target = _choice(TARGETS)('target', target)
         self.components, self.pools = self._parse_components(components)
         self.explicit = set(components or ())
         if isinstance(skip, str) or not all(isinstance(g, str) for g in skip):
@@ -136,6 +156,9 @@ class MultipointQuantizer:
         self.layer_bits = {str(g): check_bits(b, f'layer_bits[{g!r}]')
                            for g, b in (layer_bits or {}).items()}
         self.points = parse_group('points', points)
+        for k, v in TARGET_POINTS[self.target].items():
+            if self.points[k] is None:
+                self.points[k] = v
         self.feedback = parse_group('feedback', feedback)
         self.stats = parse_group('stats', stats)
         self.bias_correction = _flag('bias_correction', bias_correction)
@@ -175,7 +198,7 @@ class MultipointQuantizer:
 
     def settings(self) -> dict:
         """Everything that decides the quantized weights (stored in exports)."""
-        return dict(base=asdict(self.base),
+        return dict(base=asdict(self.base), grid=self.grid, target=self.target,
                     components={c: None if s is None else asdict(s)
                                 for c, s in self.components.items()},
                     pools=self.pools, skip=self.skip, layer_bits=self.layer_bits,
@@ -217,7 +240,8 @@ class MultipointQuantizer:
                       feedback_order=fbk['order'], budget_on=self.points['budget_on'],
                       bias_correction=self.bias_correction,
                       rank_points_by=self.points['rank_by'],
-                      point_scales=self.points['scales'])
+                      point_scales=self.points['scales'], grid=self.grid,
+                      target=self.target)
         if sequential:
             result = quantize_model_sequential(
                 model, plans, calibrate,

@@ -5,8 +5,9 @@ from .baselines import (mse_clip, mse_qw, ocs, ocs_fold, ocs_split, rtn, rtn_qw)
 from .feedback import (Feedback, feedback_coefficients,
                        feedback_round_reference)
 from .levels import LevelRows, expanded_rows, point_levels
-from .grid import (check_bits, check_budget, check_max_points, check_weight, qmax,
-                   round_to_grid)
+from .grid import (GRIDS, check_bits, check_budget, check_grid, check_max_points,
+                   check_weight, code_range, minmax_scale, qmax, round_to_grid,
+                   signed_scales)
 from .multipoint import (DEFAULT_LLOYD, DEFAULT_N_CANDIDATES, DEFAULT_N_REFINE,
                          POINT_SCALES, PointSet, QuantizedWeight,
                          default_ratios, extend_points, feedback_step, from_single,
@@ -27,6 +28,7 @@ __all__ = [
     'FEEDBACK_MAX_D', 'feedback_block_size', 'mse_clip', 'mse_qw', 'ocs',
     'ocs_fold', 'ocs_split', 'rtn', 'rtn_qw', 'check_bits', 'check_budget',
     'check_max_points', 'check_weight', 'qmax', 'round_to_grid',
+    'GRIDS', 'check_grid', 'code_range', 'minmax_scale', 'signed_scales',
     'DEFAULT_N_CANDIDATES', 'DEFAULT_N_REFINE', 'DEFAULT_LLOYD', 'PointSet', 'QuantizedWeight', 'default_ratios',
     'extend_points', 'from_single', 'greedy_multipoint', 'greedy_step', 'quantize_points',
     'POINT_SCALES', 'merge_pow2', 'pow2_room',

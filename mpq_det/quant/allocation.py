@@ -17,6 +17,13 @@ per channel costs
 ``budget_on`` ('memory' | 'compute' | 'both', default 'both') says which of the two
 bounds the allocation keeps; 'memory' is the allocation of earlier versions.
 
+``target`` ('lowbit' | 'int8', default 'lowbit') says how compute is counted: as the
+rows of b-bit MACs the expanded forward runs ('lowbit', above), or as the int8 graph
+pays it ('int8'): a point that merges with its channel's earlier points into one
+int8 row (power-of-two scales, ``PointSet.merges``) costs no compute, any other point
+its rows as above. Non-merging points are charged, not forbidden: a chain that
+would leave int8 (8-bit layers never merge) may still buy a point with compute.
+
 * ``layer``: each layer adds at most floor(budget * C_out) extra points (and, with
   compute, at most budget of its own MACs), each to the channel whose next point
   lowers the output error most, up to ``max_points`` per channel.
@@ -58,14 +65,16 @@ from .hforms import HForm
 MODES = ('global', 'layer')
 BY = ('output', 'weight', 'random')
 BUDGET_ON = ('memory', 'compute', 'both')
+TARGETS = ('int8', 'lowbit')
 ALPHAS = (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
 _EPS = 1e-9
 _INF = float('inf')
 
 
-def _keys(ps: PointSet, P: int, by: str, normalize: bool, cost: float,
+def _keys(ps: PointSet, P: int, by: str, normalize: bool, cost: float | Tensor,
           gen: torch.Generator) -> Tensor:
-    """(C, P-1) priorities of extra points 2..P, non-increasing along each row.
+    """(C, P-1) priorities of extra points 2..P, non-increasing along each row;
+    ``cost``: one per layer, or (C, P-1) per point.
 
     Where a point is not computed yet, its entry is an upper bound of its priority
     (the error left after the last computed point), so ``key[j, computed_j - 1]``
@@ -93,10 +102,21 @@ def _available(ps: PointSet, P: int) -> Tensor:
     return (torch.arange(1, P)[None, :] + 1) <= ps.computed[:, None]
 
 
+def _free_points(ps: PointSet, P: int, target: str) -> Tensor | None:
+    """(C, P-1) whether extra points 2..P cost no compute on ``target`` (None: all
+    cost): on 'int8' the points that merge into their channel's int8 row. A point not
+    computed yet counts as free, so that priorities stay upper bounds."""
+    if target != 'int8' or ps.merges is None or P <= 1:
+        return None
+    known = (torch.arange(1, P)[None, :] + 1) <= ps.computed[:, None]
+    return torch.where(known, ps.merges[:, 1:P], torch.ones_like(known))
+
+
 class _Costs:
     """Per-layer costs and pool sizes of one allocation (see the module doc)."""
 
-    def __init__(self, point_sets, sizes, wbits, positions, groups, budget, budget_on):
+    def __init__(self, point_sets, sizes, wbits, positions, groups, budget, budget_on,
+                 target='lowbit'):
         self.mem = [int(d) * wb for d, wb in zip(sizes, wbits)]
         # MACs per image of one extra row, integers so that the bounds are exact
         self.comp = [int(round(int(d) * float(p))) for d, p in zip(sizes, positions)]
@@ -112,16 +132,24 @@ class _Costs:
         # costs; depthwise ones cost d * positions per point, as dense ones
         self.varies = [g > 1 and c // g > 1 for g, c in zip(self.groups, self.C)]
         self.stateful = self.on_comp and any(self.varies)
+        self.target = target
+        # on target 'int8': (C, P-1) points that cost no compute, per layer (or None)
+        self.free: list[Tensor | None] = [None] * len(self.C)
 
-    def key_cost(self, li: int, alpha: float = 0.5) -> float:
+    def key_cost(self, li: int, alpha: float = 0.5) -> float | Tensor:
         """The cost a point of layer li is ranked by in the global pool; for 'both',
-        alpha * (its share of the memory pool) + (1 - alpha) * (its compute share)."""
+        alpha * (its share of the memory pool) + (1 - alpha) * (its compute share).
+        Per point (C, P-1) where some of the layer's points cost no compute."""
+        comp = self.comp[li] if self.free[li] is None else \
+            torch.where(self.free[li], 0.0, float(self.comp[li]))
         if self.budget_on == 'memory':
             return self.mem[li]
         if self.budget_on == 'compute':
-            return max(self.comp[li], 1)
-        return (alpha * self.mem[li] / max(self.mem_total, 1) +
-                (1 - alpha) * self.comp[li] / max(self.comp_total, 1)) or 1e-30
+            # a free point uses none of this budget: the smallest cost
+            return comp.clamp_min(1) if isinstance(comp, Tensor) else max(comp, 1)
+        key = alpha * self.mem[li] / max(self.mem_total, 1) + \
+            (1 - alpha) * comp / max(self.comp_total, 1)
+        return key.clamp_min(1e-30) if isinstance(key, Tensor) else (key or 1e-30)
 
     def rooms(self, layers=None) -> tuple[float, float]:
         """(memory room, compute room) of the pool made of ``layers`` (all: None)."""
@@ -152,11 +180,12 @@ def _gain(point_sets, npoints) -> float:
 
 
 def _setup(point_sets, sizes, budget, mode, by, max_points, seed, bits,
-           positions=None, groups=None, budget_on='both', alpha=0.5):
+           positions=None, groups=None, budget_on='both', alpha=0.5, target='lowbit'):
     budget = check_budget(budget)
     check_choice(mode, 'mode', MODES)
     check_choice(by, 'by', BY)
     check_choice(budget_on, 'budget_on', BUDGET_ON)
+    check_choice(target, 'target', TARGETS)
     L = len(point_sets)
     if sizes is None:
         sizes = [ps.d for ps in point_sets]
@@ -177,12 +206,14 @@ def _setup(point_sets, sizes, budget, mode, by, max_points, seed, bits,
             raise ValueError(f'positions must be finite numbers >= 0, got {p}')
         if g < 1 or ps.channels % g:
             raise ValueError(f'groups={g} must divide the {ps.channels} channels')
-    costs = _Costs(point_sets, sizes, wbits, positions, groups, budget, budget_on)
+    costs = _Costs(point_sets, sizes, wbits, positions, groups, budget, budget_on,
+                   target)
     gen = torch.Generator().manual_seed(int(seed))
     Ps, keys = [], []
     for li, ps in enumerate(point_sets):
         P = ps.max_points if max_points is None else \
             min(check_max_points(max_points), ps.max_points)
+        costs.free[li] = _free_points(ps, P, target)
         keys.append(_keys(ps, P, by, normalize=(mode == 'global'),
                           cost=costs.key_cost(li, alpha), gen=gen))
         Ps.append(P)
@@ -190,16 +221,20 @@ def _setup(point_sets, sizes, budget, mode, by, max_points, seed, bits,
 
 
 def _fill(order: Tensor, layer_of: Tensor, chan_of: Tensor, costs: _Costs,
-          mem_room: float, comp_room: float, layers: list[int]):
+          mem_room: float, comp_room: float, layers: list[int],
+          free_of: Tensor | None = None):
     """Takes items in ``order`` while they fit in both rooms, skipping those that do
-    not. Returns (taken item indices, rooms left, the ``LevelRows`` of the layers
-    whose point costs vary)."""
+    not. ``free_of``: items that cost no compute (target 'int8'). Returns (taken
+    item indices, rooms left, the ``LevelRows`` of the layers whose point costs
+    vary; a free point adds no row to them)."""
     mem_of = torch.tensor([costs.mem[i] if i in layers else 0
                            for i in range(len(costs.C))], dtype=torch.int64)[layer_of]
     state = {li: LevelRows(costs.C[li], costs.groups[li])
              for li in layers if costs.varies[li]}
     if not costs.stateful:
         comp_of = torch.tensor(costs.comp, dtype=torch.int64)[layer_of]
+        if free_of is not None:
+            comp_of = torch.where(free_of, 0, comp_of)
         cm_room = comp_room if costs.on_comp else None
         ok = mem_of[order] <= mem_room
         if cm_room is not None:
@@ -230,16 +265,17 @@ def _fill(order: Tensor, layer_of: Tensor, chan_of: Tensor, costs: _Costs,
     # grouped convs under a compute bound: costs depend on the points taken so far
     mem = costs.mem
     lay, ch = layer_of[order].tolist(), chan_of[order].tolist()
+    free = [False] * len(lay) if free_of is None else free_of[order].tolist()
     taken = []
     min_mem = min((mem[i] for i in layers), default=0)
-    for pos, (li, c) in enumerate(zip(lay, ch)):
+    for pos, (li, c, fr) in enumerate(zip(lay, ch, free)):
         if mem_room < min_mem:
             break
         m = mem[li]
         if m > mem_room:
             continue
-        lr = state.get(li)
-        cc = costs.comp[li] if lr is None else lr.cost(c) * costs.comp[li]
+        lr = None if fr else state.get(li)
+        cc = 0 if fr else costs.comp[li] if lr is None else lr.cost(c) * costs.comp[li]
         if cc > comp_room:
             continue
         mem_room -= m
@@ -274,10 +310,15 @@ def _allocate(point_sets, budget, mode, Ps, keys, costs: _Costs):
             comp_room = costs.rooms(layers)[1]
         else:
             mem_room, comp_room = costs.rooms()
+        free_of = None
+        if any(costs.free[i] is not None for i in layers):
+            free_of = torch.cat([torch.zeros(keys[i].numel(), dtype=torch.bool)
+                                 if costs.free[i] is None else costs.free[i].reshape(-1)
+                                 for i in layers])
         order = torch.sort(flat_key, descending=True, stable=True).indices
         order = order[flat_key[order] > 0]
         t, mem_room, comp_room, state = _fill(order, layer_of, chan_of, costs,
-                                              mem_room, comp_room, layers)
+                                              mem_room, comp_room, layers, free_of)
         tau = float(flat_key[t].min()) if t.numel() else _INF
         for li in layers:
             sel = t[layer_of[t] == li]
@@ -292,7 +333,8 @@ def allocate(point_sets: list[PointSet], sizes: list[int] | None = None,
              budget: float = 0.05, mode: str = 'global', by: str = 'output',
              max_points: int | None = None, seed: int = 0,
              bits: list[int] | None = None, positions: list[float] | None = None,
-             groups: list[int] | None = None, budget_on: str = 'both') -> list[Tensor]:
+             groups: list[int] | None = None, budget_on: str = 'both',
+             target: str = 'lowbit') -> list[Tensor]:
     """Number of points per channel (C,) int64 (>= 1) for every layer.
 
     Only computed points (``PointSet.computed``) are allocated. ``sizes``: d per
@@ -300,17 +342,19 @@ def allocate(point_sets: list[PointSet], sizes: list[int] | None = None,
     given, memory costs and the budget are counted in bits instead of weights.
     ``positions``: output positions per image of each layer (default 1);
     ``groups``: conv groups of each layer (default 1); ``budget_on``: which of the
-    memory and compute bounds to keep ('memory', 'compute', 'both').
+    memory and compute bounds to keep ('memory', 'compute', 'both'); ``target``:
+    how compute is counted ('lowbit' or 'int8', see the module doc).
     """
     if not point_sets:
         check_budget(budget)
         check_choice(budget_on, 'budget_on', BUDGET_ON)
+        check_choice(target, 'target', TARGETS)
         return []
     best, best_gain = None, -1.0
     for alpha in _alphas(mode, budget_on):
         budget_, Ps, keys, costs = _setup(point_sets, sizes, budget, mode, by,
                                           max_points, seed, bits, positions, groups,
-                                          budget_on, alpha)
+                                          budget_on, alpha, target)
         n = _allocate(point_sets, budget_, mode, Ps, keys, costs)[0]
         gain = _gain(point_sets, n)
         if gain > best_gain:
@@ -352,7 +396,8 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
                         n_refine: int = DEFAULT_N_REFINE, lloyd: int = DEFAULT_LLOYD,
                         positions: list[float] | None = None, budget_on: str = 'both',
                         feedbacks: list[Feedback | None] | None = None,
-                        fb_points: int = 4, fb_mode: str = 'joint', pow2: bool = False
+                        fb_points: int = 4, fb_mode: str = 'joint', pow2: bool = False,
+                        grid: str = 'symmetric', target: str = 'lowbit'
                         ) -> tuple[list[QuantizedWeight], list[PointSet]]:
     """Greedy points + allocation for layers sharing one budget.
 
@@ -365,7 +410,9 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
     ``allocate``; the groups of each layer come from its HForm. ``feedbacks``: a
     ``Feedback`` per layer (or None) for error feedback on 1..``fb_points`` points
     per channel, in mode ``fb_mode`` (see ``greedy_multipoint``). ``pow2``:
-    power-of-two scale ratios within a channel (``greedy_multipoint``).
+    power-of-two scale ratios within a channel (``greedy_multipoint``). ``grid``:
+    the code grid, 'symmetric' or 'full' (``greedy_multipoint``). ``target``: how
+    compute is counted, 'lowbit' or 'int8' (``allocate``).
 
     ``num_threads``: torch intra-op threads during the pass (restored after);
     None keeps the current setting. The default 1 is deliberate: the work is many
@@ -375,7 +422,7 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
     """
     args = (weights, hforms, bits, budget, allocation, max_points, by, n_candidates,
             refit, seed, lazy, min_ratio, n_refine, lloyd, positions, budget_on,
-            feedbacks, fb_points, fb_mode, pow2)
+            feedbacks, fb_points, fb_mode, pow2, grid, target)
     with torch_threads(num_threads):
         return _multipoint_quantize(*args)
 
@@ -383,11 +430,12 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
 def _multipoint_quantize(weights, hforms, bits, budget, allocation, max_points, by,
                          n_candidates, refit, seed, lazy, min_ratio, n_refine,
                          lloyd, positions, budget_on, feedbacks, fb_points, fb_mode,
-                         pow2=False):
+                         pow2=False, grid='symmetric', target='lowbit'):
     budget = check_budget(budget)
     max_points = check_max_points(max_points)
     check_choice(allocation, 'allocation', MODES)
     check_choice(budget_on, 'budget_on', BUDGET_ON)
+    check_choice(target, 'target', TARGETS)
     if len(weights) != len(hforms):
         raise ValueError(f'weights has {len(weights)} entries but hforms has '
                          f'{len(hforms)}')
@@ -402,11 +450,12 @@ def _multipoint_quantize(weights, hforms, bits, budget, allocation, max_points, 
     mixed = len(set(bl)) > 1
     first = 1 if (budget == 0 or lazy) else max_points
     pss = [greedy_multipoint(W, H, b, max_points, n_candidates, refit, first,
-                             min_ratio, n_refine, lloyd, fb, fb_points, fb_mode, pow2)
+                             min_ratio, n_refine, lloyd, fb, fb_points, fb_mode, pow2,
+                             grid)
            for W, H, b, fb in zip(weights, hforms, bl, feedbacks)]
     groups = [1 if H is None else H.groups for H in hforms]
     extra = dict(bits=bl if mixed else None, positions=positions, groups=groups,
-                 budget_on=budget_on)
+                 budget_on=budget_on, target=target)
     if budget == 0 or max_points == 1:
         npoints = [torch.ones(ps.channels, dtype=torch.int64) for ps in pss]
     elif not lazy:
@@ -429,9 +478,9 @@ def _pending(pss, npoints, keys, Ps, info, costs: _Costs, mode: str
         ub = key[pend, ps.computed[pend] - 1]
         inf = info[li]
         # a grouped layer's point (several channels per group) may cost no compute
-        # (its level has room in its group): judged by memory alone, which only
-        # computes more points
-        comp = 0 if costs.varies[li] else costs.comp[li]
+        # (its level has room in its group), and so may a point that merges (target
+        # 'int8'): judged by memory alone, which only computes more points
+        comp = 0 if costs.varies[li] or costs.free[li] is not None else costs.comp[li]
         fits = costs.mem[li] <= inf['mem_room'] and \
             (not costs.on_comp or comp <= inf['comp_room'])
         ok = (ub > 0) & ((ub >= inf['tau']) | fits)
@@ -451,7 +500,8 @@ def _pending(pss, npoints, keys, Ps, info, costs: _Costs, mode: str
         mem = torch.tensor(costs.mem, dtype=torch.int64)[lay]
         # as for ``fits``: a grouped layer's point may cost no compute, so that all
         # of them that fit in memory are computed in one round (not one per round)
-        comp = torch.tensor([0 if v else c for v, c in zip(costs.varies, costs.comp)],
+        comp = torch.tensor([0 if v or f is not None else c for v, c, f in
+                             zip(costs.varies, costs.comp, costs.free)],
                             dtype=torch.int64)[lay]
         order = torch.sort(ub, descending=True, stable=True).indices
         must = ub[order] >= inf['tau']
@@ -487,7 +537,8 @@ def _lazy_allocate(pss, weights, hforms, feedbacks, budget, mode, by, max_points
         for alpha in _alphas(mode, extra['budget_on']):
             budget_, Ps, keys, costs = _setup(pss, None, budget, mode, by, max_points,
                                               seed, extra['bits'], extra['positions'],
-                                              extra['groups'], extra['budget_on'], alpha)
+                                              extra['groups'], extra['budget_on'], alpha,
+                                              extra['target'])
             npoints, info = _allocate(pss, budget_, mode, Ps, keys, costs)
             gain = _gain(pss, npoints)
             if gain > best_gain:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .grid import check_bits, qmax
+from .grid import check_bits, code_range
 from .hforms import BlockH, ExactH, HForm
 
 DEFAULT_BLOCK = 128
@@ -111,28 +111,28 @@ class Feedback:
         return self._A
 
     def round(self, R: Tensor, scale: Tensor, bits: int,
-              gidx: Tensor | None = None) -> Tensor:
+              gidx: Tensor | None = None, grid: str = 'symmetric') -> Tensor:
         """Codes for rows R (C, d), each column rounded with the errors of the earlier
         ones fed forward.
 
-        ``scale`` (C,): one grid step per row; returns codes (C, d) in -Q..Q.
+        ``scale`` (C,): one grid step per row (signed on the full grid); returns
+        codes (C, d) in the ``grid``'s range (``grid.code_range``).
         ``scale`` (C, k): k points per row (multipoint, steps a_1 > a_2 > ...); each
         column's target t goes to a_1 q_1 + ... + a_k q_k with q_i = round(r_i / a_i)
         on the remainder r_i (r_1 = t); returns codes (C, k, d).
         Steps of 0 give zero codes. ``gidx`` as in ``HForm`` (rows from any groups);
         otherwise row j is in group j // (C // G).
         """
-        check_bits(bits)  # a bad value fails here, before any work
+        lim = code_range(bits, grid)  # a bad value fails here, before any work
         C, d = R.shape
         if d != self.d:
             raise ValueError(f'R has {d} columns but H is for d={self.d}')
         if self.perm is not None:
-            q = self._round(R[:, self.perm], scale, bits, gidx)
+            q = self._round(R[:, self.perm], scale, lim, gidx)
             return q[..., self.inv]
-        return self._round(R, scale, bits, gidx)
+        return self._round(R, scale, lim, gidx)
 
-    def _round(self, R, scale, bits, gidx):
-        Q = qmax(check_bits(bits))
+    def _round(self, R, scale, lim, gidx):
         C, d = R.shape
         single = scale.dim() == 1
         S = scale.float().reshape(C, -1)                                # (C, k)
@@ -148,13 +148,13 @@ class Feedback:
             c = C // g
             X = Rp.reshape(g, c, nb, b).permute(0, 2, 1, 3).reshape(g * nb, c, b)
             Sb = S.reshape(g, 1, c, k).expand(g, nb, c, k).reshape(g * nb, c, k)
-            q = _round_batched(X, Sb, A.reshape(G * nb, b, b), Q, self.block)
+            q = _round_batched(X, Sb, A.reshape(G * nb, b, b), lim, self.block)
             q = q.reshape(g, nb, c, b, k).permute(0, 2, 4, 1, 3).reshape(C, k, nb * b)
         elif C * nb * b * b <= _GATHER_MAX:
             # every row with its own group's coefficients (depthwise convs: d small)
             X = Rp.reshape(C * nb, 1, b)
             Sb = S[:, None].expand(C, nb, k).reshape(C * nb, 1, k)
-            q = _round_batched(X, Sb, A[gidx].reshape(C * nb, b, b), Q, self.block)
+            q = _round_batched(X, Sb, A[gidx].reshape(C * nb, b, b), lim, self.block)
             q = q.reshape(C, nb, b, k).permute(0, 3, 1, 2).reshape(C, k, nb * b)
         else:
             q = torch.empty(C, k, nb * b)
@@ -163,18 +163,21 @@ class Feedback:
                 n = int(m.sum())
                 X = Rp[m].reshape(n, nb, b).permute(1, 0, 2)
                 Sb = S[m][None].expand(nb, n, k)
-                q[m] = _round_batched(X, Sb, A[gg], Q, self.block) \
+                q[m] = _round_batched(X, Sb, A[gg], lim, self.block) \
                     .permute(1, 3, 0, 2).reshape(n, k, nb * b)
         q = q[..., :d]
         return q[:, 0] if single else q
 
 
-def _round_batched(X: Tensor, scale: Tensor, AT: Tensor, Q: int, block: int) -> Tensor:
+def _round_batched(X: Tensor, scale: Tensor, AT: Tensor, lim: tuple[int, int],
+                   block: int) -> Tensor:
     """Feedback rounding of X (B, n, b) on k points with steps ``scale`` (B, n, k) and
-    coefficients AT (B, b, b) (``feedback_coefficients``). Returns codes (B, n, b, k)."""
+    coefficients AT (B, b, b) (``feedback_coefficients``), codes clamped to ``lim`` =
+    (lo, hi). Returns codes (B, n, b, k)."""
     B, n, b = X.shape
     k = scale.shape[-1]
-    ok = scale > 0
+    lo, hi = lim
+    ok = scale != 0
     a = torch.where(ok, scale, torch.zeros_like(scale))                   # (B, n, k)
     inv = torch.where(ok, 1.0 / torch.where(ok, scale, torch.ones_like(scale)),
                       torch.zeros_like(scale))
@@ -189,13 +192,13 @@ def _round_batched(X: Tensor, scale: Tensor, AT: Tensor, Q: int, block: int) -> 
         for i in range(s, t):
             r = T[:, :, i - s]                                            # (B, n)
             if k == 1:
-                q = (r * inv[..., 0]).round_().clamp_(-Q, Q)
+                q = (r * inv[..., 0]).round_().clamp_(lo, hi)
                 codes[:, :, i, 0] = q
                 e = X[:, :, i] - a[..., 0] * q
             else:
                 rem = r.clone()
                 for p in range(k):
-                    q = (rem * inv[..., p]).round_().clamp_(-Q, Q)
+                    q = (rem * inv[..., p]).round_().clamp_(lo, hi)
                     codes[:, :, i, p] = q
                     rem -= a[..., p] * q
                 e = X[:, :, i] - (r - rem)
@@ -206,16 +209,17 @@ def _round_batched(X: Tensor, scale: Tensor, AT: Tensor, Q: int, block: int) -> 
     return codes
 
 
-def feedback_round_reference(r: Tensor, scale, H: Tensor, bits: int) -> Tensor:
+def feedback_round_reference(r: Tensor, scale, H: Tensor, bits: int,
+                             grid: str = 'symmetric') -> Tensor:
     """Slow reference for one channel: OBQ's loop with the inverse Hessian.
 
     Round column i of the current weights, then move the error onto the columns
     not yet rounded with the optimal (OBS) update -e_i / Hinv_ii * Hinv_i,F, and
     remove column i from Hinv (Gaussian elimination). ``scale``: a float (codes (d,))
     or a list of k steps (codes (k, d); each value goes to a_1 q_1 + ... + a_k q_k,
-    one point after the other). Only for tests.
+    one point after the other), codes in the ``grid``'s range. Only for tests.
     """
-    Q = qmax(bits)
+    lo, hi = code_range(bits, grid)
     steps = [float(scale)] if isinstance(scale, (int, float)) else [float(a) for a in scale]
     w = r.double().clone()
     d = w.numel()
@@ -224,7 +228,7 @@ def feedback_round_reference(r: Tensor, scale, H: Tensor, bits: int) -> Tensor:
     for i in range(d):
         rem = w[i]
         for p, a in enumerate(steps):
-            q[p, i] = torch.clamp(torch.round(rem / a), -Q, Q) if a > 0 else 0
+            q[p, i] = torch.clamp(torch.round(rem / a), lo, hi) if a != 0 else 0
             rem = rem - a * q[p, i]
         err = rem
         w[i + 1:] -= err / Hinv[i, i] * Hinv[i, i + 1:]

@@ -1,7 +1,14 @@
-"""Symmetric b-bit grid, per-channel rounding and argument validation.
+"""The b-bit code grids, per-channel rounding and argument validation.
 
-The grid for ``bits`` = b is G_b = {-Q, ..., -1, 0, 1, ..., Q} with
-Q = 2**(b-1) - 1, i.e. 2**b - 1 levels (b = 4: -7..7). Codes are stored as int8.
+Two grids (``GRIDS``) for ``bits`` = b, codes stored as int8:
+
+* ``'symmetric'``: {-Q, ..., -1, 0, 1, ..., Q} with Q = 2**(b-1) - 1, 2**b - 1
+  levels (b = 4: -7..7). Scales are >= 0.
+* ``'full'``: all 2**b codes of two's complement, {-2**(b-1), ..., 2**(b-1) - 1}
+  (b = 2: -2..1). Scales are signed: a channel's values are scale * code, so the
+  sign of the scale is the side of the extra level (a negative scale puts it on the
+  positive side). At 8 bits the side is fixed to the negative one (scales >= 0):
+  int8 holds -128 but not +128, and the int8 graph needs positive scales.
 """
 from __future__ import annotations
 
@@ -32,6 +39,76 @@ def qmax(bits: int) -> int:
     """Largest code of the symmetric grid: 2**(bits-1) - 1."""
     bits = check_bits(bits)
     return 2 ** (bits - 1) - 1
+
+
+GRIDS = ('full', 'symmetric')
+
+
+def check_grid(grid, name: str = 'grid') -> str:
+    """``grid`` if it is one of ``GRIDS``, else ValueError naming the allowed ones."""
+    if grid not in GRIDS:
+        raise ValueError(f'{name} must be one of {list(GRIDS)}, got {grid!r}')
+    return grid
+
+
+def code_range(bits: int, grid: str = 'symmetric') -> tuple[int, int]:
+    """(lowest, highest) code of the b-bit ``grid``: (-Q, Q) or (-2**(b-1), 2**(b-1) - 1)."""
+    if check_grid(grid) == 'symmetric':
+        q = qmax(bits)
+        return -q, q
+    half = 2 ** (check_bits(bits) - 1)
+    return -half, half - 1
+
+
+def signed_scales(bits: int, grid: str = 'symmetric') -> bool:
+    """Whether a channel's scale may be negative (its side of the extra level): the
+    full grid below 8 bits."""
+    return check_grid(grid) == 'full' and check_bits(bits) < MAX_BITS
+
+
+def grid_extent(R: Tensor, bits: int, grid: str = 'symmetric',
+                side: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(side (C,) of +-1, extent (C,)) of rows R (C, d): on that side, the scale
+    side * extent / -lo (``code_range``) is the smallest that clips no entry.
+
+    Symmetric grid: side 1, extent max|r|. Full grid: extent = max(max(-side * r),
+    max(side * r) * -lo / hi). The side, unless given: the one with the smaller
+    extent, which puts the entry of largest |r| on the extra level -2**(b-1)
+    (side = -sign of that entry; 1 on ties, and always 1 at 8 bits)."""
+    if check_grid(grid) == 'symmetric':
+        M = R.abs().amax(1)
+        return torch.ones_like(M), M
+    lo, hi = code_range(bits, grid)
+    if side is None:
+        side = torch.where(R.amax(1) > -R.amin(1), -1.0, 1.0) \
+            if signed_scales(bits, grid) else torch.ones(R.shape[0])
+    Rs = R * side[:, None]
+    return side, torch.maximum(-Rs.amin(1), Rs.amax(1) * (-lo / hi))
+
+
+def minmax_scale(R: Tensor, bits: int, grid: str = 'symmetric') -> Tensor:
+    """(C,) per-row min-max scale of R (C, d) on ``grid`` (signed on the full grid,
+    see ``grid_extent``)."""
+    side, extent = grid_extent(R, bits, grid)
+    return side * extent / -code_range(bits, grid)[0]
+
+
+def refit_may_flip(bits: int, grid: str = 'symmetric') -> bool:
+    """Whether a least-squares refit may change a scale's sign: on the symmetric grid
+    (the codes are negated, ``positive_scales``) and where scales are signed; not at
+    8 bits on the full grid, whose side is fixed."""
+    return check_grid(grid) == 'symmetric' or signed_scales(bits, grid)
+
+
+def positive_scales(scales: Tensor, codes: Tensor, grid: str = 'symmetric'
+                    ) -> tuple[Tensor, Tensor]:
+    """Symmetric grid: (|scales|, codes negated where a scale was negative), the same
+    values with scales >= 0; full grid: unchanged (signed scales). ``codes`` has the
+    scales' shape plus a last dimension."""
+    if check_grid(grid) != 'symmetric':
+        return scales, codes
+    sign = torch.where(scales < 0, -1.0, 1.0)
+    return scales.abs(), codes * sign[..., None].to(codes.dtype)
 
 
 def act_qparams(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[float, float]:
@@ -95,17 +172,19 @@ def check_choice(value, name: str, choices) -> str:
     return value
 
 
-def round_to_grid(r: Tensor, scale: Tensor, bits: int) -> Tensor:
-    """Codes clip(round(r / scale), -Q, Q) as int8.
+def round_to_grid(r: Tensor, scale: Tensor, bits: int, grid: str = 'symmetric') -> Tensor:
+    """Codes clip(round(r / scale), lo, hi) as int8 (``code_range``).
 
-    ``r`` is (C, d); ``scale`` is (C,) or (C, 1). A zero scale gives zero codes.
+    ``r`` is (C, d); ``scale`` is (C,) or (C, 1), signed on the full grid. A zero
+    scale gives zero codes.
     """
-    q = qmax(bits)
+    lo, hi = code_range(bits, grid)
     if scale.dim() == 1:
         scale = scale[:, None]
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round(r / safe).clamp_(-q, q)
-    codes = torch.where(scale > 0, codes, torch.zeros_like(codes))
+    nz = scale != 0
+    safe = torch.where(nz, scale, torch.ones_like(scale))
+    codes = torch.round(r / safe).clamp_(lo, hi)
+    codes = torch.where(nz, codes, torch.zeros_like(codes))
     return codes.to(torch.int8)
 
 

@@ -3,12 +3,11 @@
 A channel's weight w (d,) is approximated by sum_i a_i q_i with q_i in the b-bit
 grid. Step k works on the residual r = w - sum_{i<k} a_i q_i:
 
-* candidate scales a = rho * max|r| / Q for ``ratios`` rho (rho = 1, the min-max
-  scale, is always the first one), q = clip(round(r / a), -Q, Q);
+* candidate scales a = rho * (the min-max scale) for ``ratios`` rho (rho = 1 is
+  always the first one), q = clip(round(r / a), lo, hi) (``grid.code_range``);
 * the error of a candidate in the H metric is e(a, q) = r^T H r - 2 a r^T H q +
   a^2 q^T H q; the least-squares refit a* = r^T H q / q^T H q replaces a where it
-  gives a lower error (e(a*, q) = r^T H r - (r^T H q)^2 / q^T H q). A negative a*
-  is stored as |a*| with -q (the grid is symmetric);
+  gives a lower error (e(a*, q) = r^T H r - (r^T H q)^2 / q^T H q);
 * the candidate with the lowest error wins (ties: the earlier candidate, so the
   min-max scale wins ties). Hence a step is never worse than the min-max step in
   the metric used, and with the refit it never increases the error. The error of
@@ -20,6 +19,20 @@ With error feedback (``feedback``, see ``feedback.py``), errors are measured in 
 feedback's exact (or block-diagonal) H, and each point count k may use, instead of
 the first k greedy points, the same scales with all codes re-rounded together with
 feedback (``joint_feedback``), whichever has the lower error.
+
+The grid (``grid.GRIDS``). 'symmetric': {-Q..Q}, scales >= 0; a negative a* is
+stored as |a*| with -q. 'full': all 2^b codes {-2^(b-1)..2^(b-1)-1}, with SIGNED
+scales: the sign of a point's scale is its side of the extra level (negative: the
+extra level holds the largest positive value). We chose signed scales over positive
+scales plus a per-channel side flag because the codes then always lie in one range:
+a negative refit (or a joint refit that flips a sign) is kept as it is, with the
+same codes; packing, validation and error feedback's rounding need one clamp per
+grid; and dequantization stays sum_i a_i q_i. The deployed int8 graph makes its
+scales positive by negating a row's codes (``mpq_det.deploy``). Each step picks the
+side from its residual: the entry of largest |r| goes to the extra level
+(``grid.grid_extent``), and the search runs on side * r with positive candidates.
+At 8 bits the side is fixed (int8 holds -128 but not +128): scales stay >= 0 and a
+refit that would flip a sign is not taken.
 
 Everything is vectorized over channels. Points can be computed lazily: compute
 ``n_points`` for all channels, then ``extend_points`` for the few channels that the
@@ -33,8 +46,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .grid import (check_bits, check_choice, check_max_points, check_positive_int,
-                   check_weight, qmax)
+from .grid import (check_bits, check_choice, check_grid, check_max_points,
+                   check_positive_int, check_weight, code_range, grid_extent,
+                   positive_scales, refit_may_flip, signed_scales)
 from .feedback import Feedback
 from .hforms import HForm, IdentityH
 
@@ -76,6 +90,14 @@ class PointSet:
     computed: Tensor    # (C,) int64
     bits: int
     search: dict = field(default_factory=dict)   # n_candidates / refit / ratios
+    grid: str = 'symmetric'
+    # pow2 scales: merges[j, k] says that point k of channel j merges with the
+    # channel's earlier points into one int8 row (``merge_pow2``): on the int8 graph
+    # it costs no compute. None without pow2.
+    merges: Tensor | None = None
+    # signed scales with joint feedback: the best scale of each channel's first point
+    # on the side of the extra level that the greedy point does not use (C,)
+    other: Tensor | None = None
     # Joint error feedback: at level k, a channel may use instead of its first k
     # greedy points the same k scales with all codes re-rounded with feedback
     # (``alt[k]`` = (codes (C, k, d) int8, scales (C, k))) where that has the lower
@@ -111,6 +133,7 @@ class QuantizedWeight:
     scales: Tensor      # (sum_j n_j,) float32
     npoints: Tensor     # (C_out,) int64
     bits: int
+    grid: str = 'symmetric'   # scales >= 0 on 'symmetric', signed on 'full'
 
     def __post_init__(self):
         self.validate()
@@ -129,9 +152,10 @@ class QuantizedWeight:
             raise ValueError(f'codes {tuple(self.codes.shape)} and scales '
                              f'{tuple(self.scales.shape)} must have sum(npoints)='
                              f'{rows} rows')
-        q = qmax(self.bits)
-        if rows and int(self.codes.to(torch.int16).abs().max()) > q:
-            raise ValueError(f'codes must lie in -{q}..{q} for bits={self.bits}')
+        lo, hi = code_range(self.bits, self.grid)
+        if rows and (int(self.codes.min()) < lo or int(self.codes.max()) > hi):
+            raise ValueError(f'codes must lie in {lo}..{hi} for bits={self.bits} on the '
+                             f'{self.grid} grid')
         return self
 
     @property
@@ -154,18 +178,20 @@ class QuantizedWeight:
         return out.index_add_(0, self.row_channel().to(rows.device), rows)
 
     @classmethod
-    def from_single(cls, scales: Tensor, codes: Tensor, bits: int) -> 'QuantizedWeight':
+    def from_single(cls, scales: Tensor, codes: Tensor, bits: int,
+                    grid: str = 'symmetric') -> 'QuantizedWeight':
         C = codes.shape[0]
         return cls(codes.to(torch.int8).contiguous(), scales.float().reshape(C),
-                   torch.ones(C, dtype=torch.int64), bits)
+                   torch.ones(C, dtype=torch.int64), bits, grid)
 
     def extra_points(self) -> int:
         return int(self.npoints.sum()) - self.out_channels
 
 
-def from_single(scales: Tensor, codes: Tensor, bits: int) -> QuantizedWeight:
+def from_single(scales: Tensor, codes: Tensor, bits: int,
+                grid: str = 'symmetric') -> QuantizedWeight:
     """One point per channel (rtn, mse, ocs) as a QuantizedWeight."""
-    return QuantizedWeight.from_single(scales, codes, bits)
+    return QuantizedWeight.from_single(scales, codes, bits, grid)
 
 
 def select_points(ps: PointSet, npoints: Tensor) -> QuantizedWeight:
@@ -187,7 +213,7 @@ def select_points(ps: PointSet, npoints: Tensor) -> QuantizedWeight:
             a_codes, a_scales = ps.alt[k]
             codes[rows] = a_codes[ch].reshape(-1, ps.d)
             scales[rows] = a_scales[ch].reshape(-1)
-    return QuantizedWeight(codes, scales, npoints.clone(), ps.bits)
+    return QuantizedWeight(codes, scales, npoints.clone(), ps.bits, ps.grid)
 
 
 # ------------------------------------------------------------------------ search
@@ -224,27 +250,28 @@ INT8_MAX = 127
 
 def _pow2_chain(scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(step, mult, chain) of points' scales (..., k), float64: step = the smallest
-    nonzero scale, mult = scales / step (0 for zero points), chain = whether the
-    first scale is nonzero and every nonzero mult is a power of two."""
-    nz = scales > 0
-    step = torch.where(nz, scales, torch.full_like(scales, math.inf)).amin(-1)
+    nonzero |scale| (> 0), mult = scales / step (signed; 0 for zero points), chain =
+    whether the first scale is nonzero and every nonzero |mult| is a power of two."""
+    nz = scales != 0
+    step = torch.where(nz, scales.abs(), torch.full_like(scales, math.inf)).amin(-1)
     mult = scales / step[..., None]
-    chain = (torch.frexp(torch.where(nz, mult, torch.ones_like(mult))).mantissa
-             == 0.5).all(-1) & (scales[..., 0] > 0)
+    chain = (torch.frexp(torch.where(nz, mult.abs(), torch.ones_like(mult))).mantissa
+             == 0.5).all(-1) & (scales[..., 0] != 0)
     return step, mult, chain
 
 
-def pow2_room(scales: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def pow2_room(scales: Tensor, bits: int, grid: str = 'symmetric') -> tuple[Tensor, Tensor]:
     """(step (C,), jmax (C,) int64) for a next point of each row of ``scales``
-    (C, k): a channel's points so far. If their nonzero scales are s_1 / 2^(j_i)
-    (one power-of-two chain; ``step`` = the last of them), a next point of scale
-    step / 2^j still merges with them into one int8 code (``merge_pow2``) for
-    j <= jmax: the merged codes lie within +-(M 2^j + Q) with M = Q sum_i s_i / step,
-    and M 2^j + Q <= 127. jmax = 0 where no such point exists."""
-    Q = qmax(bits)
+    (C, k): a channel's points so far. If their nonzero |scales| are |s_1| / 2^(j_i)
+    (one power-of-two chain; ``step`` = the last of them, > 0), a next point of
+    scale +-step / 2^j still merges with them into one int8 code (``merge_pow2``)
+    for j <= jmax: with T the largest |code| of the grid, the merged codes lie
+    within +-(M 2^j + T) with M = T sum_i |s_i| / step, and M 2^j + T <= 127. jmax
+    = 0 where no such point exists."""
+    T = -code_range(bits, grid)[0]
     step, mult, chain = _pow2_chain(scales.double())
-    M = torch.where(chain, Q * mult.sum(-1), torch.ones_like(step))
-    room = torch.floor(torch.log2(torch.clamp((INT8_MAX - Q) / M, min=1.0)))
+    M = torch.where(chain, T * mult.abs().sum(-1), torch.ones_like(step))
+    room = torch.floor(torch.log2(torch.clamp((INT8_MAX - T) / M, min=1.0)))
     jmax = torch.where(chain, room, torch.zeros_like(room)).to(torch.int64)
     return torch.where(chain, step, torch.zeros_like(step)).float(), jmax
 
@@ -252,10 +279,11 @@ def pow2_room(scales: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 def merge_pow2(scales: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, int]:
     """A channel's points (scales (k,), codes (k, d)) as int8 rows: the longest
     leading run that is one power-of-two chain (zero points included) and whose
-    merged codes fit in int8 becomes one row, step = its smallest nonzero scale and
-    codes sum_i c_i s_i / step (exact integers); the points after it stay as they
-    are. Returns (scales (r,), codes (r, d) int16, merged (int): points in row 0).
-    Exact: the rows' sum equals the points' sum."""
+    merged codes fit in -127..127 becomes one row, step = its smallest nonzero
+    |scale| (> 0) and codes sum_i c_i s_i / step (exact integers); the points after
+    it stay as they are (signed scales on the full grid). Returns (scales (r,),
+    codes (r, d) int16, merged (int): points in row 0). Exact: the rows' sum equals
+    the points' sum."""
     best, row = 1, None
     for n in range(2, scales.numel() + 1):
         step, mult, chain = _pow2_chain(scales[:n].double())
@@ -273,19 +301,39 @@ def merge_pow2(scales: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, int]:
             best)
 
 
+def int8_rows(qw: QuantizedWeight) -> tuple[Tensor, Tensor]:
+    """(rows (C,), merged (C,)) int64 of each channel on the int8 graph: its rows
+    after ``merge_pow2``, and how many points its first row holds (1: none merged)."""
+    rows, merged = qw.npoints.clone(), torch.ones_like(qw.npoints)
+    start = torch.cumsum(qw.npoints, 0) - qw.npoints
+    for c in torch.nonzero(qw.npoints > 1).reshape(-1).tolist():
+        s, n = int(start[c]), int(qw.npoints[c])
+        m = merge_pow2(qw.scales[s:s + n], qw.codes[s:s + n])[2]
+        rows[c], merged[c] = n - m + 1, m
+    return rows, merged
+
+
 def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = True,
                 err_prev: Tensor | None = None, gidx: Tensor | None = None,
                 n_refine: int = 0, lloyd: int = 0, measure: HForm | None = None,
-                pow2: tuple[Tensor, Tensor] | None = None):
+                pow2: tuple[Tensor, Tensor] | None = None, grid: str = 'symmetric',
+                return_other: bool = False):
     """One greedy step for all rows of R (C, d).
 
+    ``grid``: the code grid (``grid.GRIDS``). Where scales are signed (the full grid
+    below 8 bits) both sides of the extra level are searched, each on side * r with
+    positive candidates, and each row keeps the better one (ties: the side that puts
+    the largest |r| on the extra level, ``grid.grid_extent``). ``return_other``:
+    also return the best scale found on the side not kept (zeros where scales are
+    not signed), which error feedback rounds as well (``joint_feedback``).
+
     ``pow2`` = (step (C,), jmax (C,)) from ``pow2_room``: a row with jmax >= 1 only
-    tries the scales step / 2^j, j = 1..jmax, unrefitted, so that its points stay
+    tries the scales +-step / 2^j, j = 1..jmax, unrefitted, so that its points stay
     one int8 code (``merge_pow2``); the other rows search as below.
 
     Candidates, in order (a later one replaces the best only if strictly better,
     so the min-max scale ``ratios[0] = 1`` wins ties):
-    1. a = ratios[i] * max|r| / Q for every i (the coarse grid);
+    1. a = ratios[i] * (the min-max scale) for every i (the coarse grid);
     2. ``n_refine`` ratios evenly spaced within one coarse step on both sides of
        each channel's best coarse ratio;
     3. ``lloyd`` times: the best scale found so far (after its refit) used as a
@@ -295,72 +343,91 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
     ``measure`` (default: H) is the metric of ``err_prev`` and of the returned error,
     e.g. the exact H of error feedback while the search uses a cheaper form.
 
-    Returns (scale (C,), codes (C, d) float, new residual, new error (C,)).
+    Returns (scale (C,), codes (C, d) float, new residual, new error (C,)), plus the
+    other side's scale (C,) with ``return_other``.
     """
-    Q = qmax(bits)
+    lo, hi = code_range(bits, grid)
+    Q = -lo                   # min-max scale = extent / Q
     C = R.shape[0]
-    m = R.abs().amax(1)
-    HR = H.matvec(R, gidx)
-    rHr = torch.linalg.vecdot(R, HR)
-    if err_prev is None:
-        err_prev = rHr if measure is None else measure.quad(R, gidx)
-    best_err = torch.full((C,), float('inf'))
-    best_a = torch.zeros(C)         # fitted scale (signed)
-    best_r = torch.zeros(C)         # rounding scale that produced q
-    nz = m > 0
-    q = torch.empty_like(R)
-    ones = torch.ones_like(m)
+    flips = refit_may_flip(bits, grid)
     free = torch.ones(C, dtype=torch.bool)  # rows with the free scale search
     if pow2 is not None:
         step, jmax = pow2
         free = jmax < 1
+    ones = torch.ones(C)
+    q = torch.empty_like(R)
 
-    def evaluate(a, refit=refit, rows=None):
-        nonlocal best_err, best_a, best_r
-        ok_a = nz & (a > 0) if rows is None else nz & (a > 0) & rows
-        if not bool(ok_a.any()):
-            return
-        inv = torch.where(ok_a, 1.0 / torch.where(ok_a, a, ones), torch.zeros_like(a))
-        torch.mul(R, inv[:, None], out=q)
-        q.round_().clamp_(-Q, Q)
-        b = torch.linalg.vecdot(q, HR)
-        c = H.quad(q, gidx)
-        fit = a
-        err = rHr - 2 * a * b + a * a * c
-        if refit:
-            ok = (c > 0) & free
-            a_ls = b / torch.where(ok, c, ones)
-            err_ls = rHr - b * a_ls
-            use = ok & (err_ls < err)
-            fit = torch.where(use, a_ls, a)
-            err = torch.where(use, err_ls, err)
-        better = (err < best_err) & ok_a
-        best_err = torch.where(better, err, best_err)
-        best_a = torch.where(better, fit, best_a)
-        best_r = torch.where(better, a, best_r)
+    def search(side):
+        """(best error, fitted scale, rounding scale, rows on this side, extent) of
+        the search on side * r: positive candidates, the same errors in H."""
+        side, m = grid_extent(R, bits, grid, side)
+        Rs = R * side[:, None] if bool((side < 0).any()) else R
+        HR = H.matvec(Rs, gidx)
+        rHr = torch.linalg.vecdot(Rs, HR)
+        best_err = torch.full((C,), float('inf'))
+        best_a = torch.zeros(C)         # fitted scale (signed)
+        best_r = torch.zeros(C)         # rounding scale that produced q
+        nz = m > 0
 
-    if pow2 is not None:
-        for j in range(1, int(jmax.max()) + 1):
-            evaluate(step * 2.0 ** -j, False, jmax >= j)
-    if bool(free.any()):
-        rows = None if bool(free.all()) else free
-        rl = ratios.tolist()
-        for rho in rl:
-            evaluate(m * (rho / Q), rows=rows)
-        if n_refine > 0 and len(rl) > 1:
-            st = abs(rl[0] - rl[1])
-            base = best_r.clone()
-            offs = torch.linspace(-st, st, n_refine + 2)[1:-1].tolist()
-            for off in offs:
-                evaluate(base + m * (off / Q), rows=rows)
-        for _ in range(lloyd):
-            evaluate(best_a.abs(), rows=rows)
+        def evaluate(a, refit=refit, rows=None):
+            nonlocal best_err, best_a, best_r
+            ok_a = nz & (a > 0) if rows is None else nz & (a > 0) & rows
+            if not bool(ok_a.any()):
+                return
+            inv = torch.where(ok_a, 1.0 / torch.where(ok_a, a, ones), torch.zeros_like(a))
+            torch.mul(Rs, inv[:, None], out=q)
+            q.round_().clamp_(lo, hi)
+            b = torch.linalg.vecdot(q, HR)
+            c = H.quad(q, gidx)
+            fit = a
+            err = rHr - 2 * a * b + a * a * c
+            if refit:
+                ok = (c > 0) & free if flips else (c > 0) & free & (b > 0)
+                a_ls = b / torch.where(ok, c, ones)
+                err_ls = rHr - b * a_ls
+                use = ok & (err_ls < err)
+                fit = torch.where(use, a_ls, a)
+                err = torch.where(use, err_ls, err)
+            better = (err < best_err) & ok_a
+            best_err = torch.where(better, err, best_err)
+            best_a = torch.where(better, fit, best_a)
+            best_r = torch.where(better, a, best_r)
+
+        if pow2 is not None:
+            for j in range(1, int(jmax.max()) + 1):
+                evaluate(step * 2.0 ** -j, False, jmax >= j)
+        if bool(free.any()):
+            rows = None if bool(free.all()) else free
+            rl = ratios.tolist()
+            for rho in rl:
+                evaluate(m * (rho / Q), rows=rows)
+            if n_refine > 0 and len(rl) > 1:
+                st = abs(rl[0] - rl[1])
+                base = best_r.clone()
+                offs = torch.linspace(-st, st, n_refine + 2)[1:-1].tolist()
+                for off in offs:
+                    evaluate(base + m * (off / Q), rows=rows)
+            for _ in range(lloyd):
+                evaluate(best_a.abs(), rows=rows)
+        return best_err, best_a, best_r, side, m
+
+    best_err, best_a, best_r, side, m = search(None)
+    other_scale = torch.zeros(C)
+    if signed_scales(bits, grid):
+        # the other side too: the extreme's side (searched first, it wins ties) is
+        # not always the better one
+        other = search(-side)
+        use = other[0] < best_err
+        other_scale = torch.where(use, side * best_a, other[3] * other[1])
+        best_a, best_r, side, m = (torch.where(use, o, t) for o, t in
+                                   zip(other[1:], (best_a, best_r, side, m)))
+    nz = m > 0
+    if err_prev is None:
+        err_prev = (H if measure is None else measure).quad(R, gidx)
     ok_r = nz & (best_r > 0)
     inv = torch.where(ok_r, 1.0 / torch.where(ok_r, best_r, ones), torch.zeros_like(m))
-    q = torch.round(R * inv[:, None]).clamp_(-Q, Q)
-    sign = torch.where(best_a < 0, -1.0, 1.0)
-    q = q * sign[:, None]
-    scale = best_a.abs()
+    q = torch.round(R * (side * inv)[:, None]).clamp_(lo, hi)
+    scale, q = positive_scales(side * best_a, q, grid)
     R_new = R - scale[:, None] * q
     err_new = (H if measure is None else measure).quad(R_new, gidx)
     bad = ~(err_new <= err_prev) | ~nz
@@ -369,50 +436,56 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
         q = torch.where(bad[:, None], torch.zeros_like(q), q)
         R_new = torch.where(bad[:, None], R, R_new)
         err_new = torch.where(bad, err_prev, err_new)
+    if return_other:
+        return scale, q, R_new, err_new, other_scale
     return scale, q, R_new, err_new
 
 
 def feedback_step(R: Tensor, scale: Tensor, q: Tensor, R_new: Tensor, err: Tensor,
                   fb: Feedback, bits: int, gidx: Tensor | None = None,
-                  refit: bool | Tensor = True):
+                  refit: bool | Tensor = True, grid: str = 'symmetric'):
     """Re-round a greedy point with error feedback, on the greedy point's scale.
 
     ``R`` is the residual the point approximates and (scale, q, R_new, err) the
     greedy step's result, err in ``fb.metric``. The codes are rounded column by
     column with feedback (``Feedback.round``); the scale is then refitted by least
-    squares in ``fb.metric`` where that lowers the error. Each row keeps whichever
+    squares in ``fb.metric`` where that lowers the error and keeps the scale's sign
+    (the side the codes were rounded for). Each row keeps whichever
     of the two points (greedy or feedback) has the lower error, so a step is never
     worse than the greedy one. Returns (scale, q, R_new, err) like ``greedy_step``.
     ``refit`` may be a (C,) mask of the rows whose scale may be refitted.
     """
     M = fb.metric
-    qf = fb.round(R, scale, bits, gidx)
+    qf = fb.round(R, scale, bits, gidx, grid)
     a = scale
     if refit is not False:
         Hq = M.matvec(qf, gidx)
         b = torch.linalg.vecdot(R, Hq)
         c = torch.linalg.vecdot(qf, Hq)
-        ok = (c > 0) & (b > 0) & refit
+        ok = (c > 0) & (b * scale > 0) & refit
         a_ls = torch.where(ok, b / torch.where(ok, c, torch.ones_like(c)), a)
         # e(a) - e(a_ls) = c (a - a_ls)^2 >= 0: the refit never raises the error
         a = torch.where(ok, a_ls, a)
     Rf = R - a[:, None] * qf
     ef = M.quad(Rf, gidx)
-    use = (ef < err) & (scale > 0)
+    use = (ef < err) & (scale != 0)
     return (torch.where(use, a, scale), torch.where(use[:, None], qf, q),
             torch.where(use[:, None], Rf, R_new), torch.where(use, ef, err))
 
 
 def joint_feedback(W: Tensor, scales: Tensor, fb: Feedback, bits: int,
                    gidx: Tensor | None = None, refit: bool = True,
-                   MW: Tensor | None = None, fixed_ratios: bool = False
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   MW: Tensor | None = None, fixed_ratios: bool = False,
+                   grid: str = 'symmetric') -> tuple[Tensor, Tensor, Tensor]:
     """k points per row of W (n, d) on the given steps ``scales`` (n, k), all codes
-    rounded together with error feedback (``Feedback.round``), then the k scales
-    refitted jointly by least squares in ``fb.metric`` where that lowers the error.
+    rounded together with error feedback (``Feedback.round``) on ``grid``, then the
+    k scales refitted jointly by least squares in ``fb.metric`` where that lowers
+    the error.
 
-    Returns (scales (n, k) >= 0, codes (n, k, d) float, error (n,) in fb.metric).
-    A negative refitted scale is stored as its absolute value with negated codes.
+    Returns (scales (n, k), codes (n, k, d) float, error (n,) in fb.metric). The
+    scales are >= 0 on the symmetric grid (a negative refitted scale is stored as
+    its absolute value with negated codes) and signed on the full grid (see
+    ``joint_feedback_refit``).
     ``MW``: ``fb.metric.matvec(W)`` if the caller has it; the refitted error is then
     (W - a Q) . (MW - a HQ), with no further pass over H. ``fixed_ratios``: one
     common factor of a row's k scales is refitted, so that their ratios (powers of
@@ -420,25 +493,31 @@ def joint_feedback(W: Tensor, scales: Tensor, fb: Feedback, bits: int,
     """
     M = fb.metric
     n, k = scales.shape
-    codes = fb.round(W, scales, bits, gidx)                       # (n, k, d)
+    codes = fb.round(W, scales, bits, gidx, grid)                 # (n, k, d)
     if not refit:
         return scales, codes, M.quad(W - torch.einsum('nk,nkd->nd', scales, codes), gidx)
+    flips = refit_may_flip(bits, grid)
     if fixed_ratios and k > 1:
         s1 = scales[:, :1]
-        ratio = torch.where(s1 > 0, scales / torch.where(s1 > 0, s1, torch.ones_like(s1)),
+        nz = s1 != 0
+        ratio = torch.where(nz, scales / torch.where(nz, s1, torch.ones_like(s1)),
                             torch.zeros_like(scales))
         u = torch.einsum('nk,nkd->nd', ratio, codes)[:, None]    # (n, 1, d)
-        a, u_signed, e = joint_feedback_refit(W, s1, u, M, gidx, MW)
+        a, u_signed, e = joint_feedback_refit(W, s1, u, M, gidx, MW, flips, grid)
         sign = torch.where((u_signed * u).sum(-1) < 0, -1.0, 1.0)  # (n, 1)
         return a * ratio, codes * sign[..., None], e
-    return joint_feedback_refit(W, scales, codes, M, gidx, MW)
+    return joint_feedback_refit(W, scales, codes, M, gidx, MW, flips, grid)
 
 
 def joint_feedback_refit(W: Tensor, scales: Tensor, codes: Tensor, M: HForm,
-                         gidx: Tensor | None = None, MW: Tensor | None = None
+                         gidx: Tensor | None = None, MW: Tensor | None = None,
+                         flips: bool = True, grid: str = 'symmetric'
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """The refit of ``joint_feedback``: scales (n, k) refitted jointly by least
-    squares in M for the given codes (n, k, d), where that lowers the error."""
+    squares in M for the given codes (n, k, d), where that lowers the error and, if
+    not ``flips``, keeps the sign of every scale. The result goes through
+    ``grid.positive_scales``: scales >= 0 with negated codes on the symmetric grid,
+    signed on the full grid."""
     n, k = scales.shape
     d = codes.shape[2]
     g_rep = None if gidx is None else gidx.repeat_interleave(k)
@@ -461,6 +540,8 @@ def joint_feedback_refit(W: Tensor, scales: Tensor, codes: Tensor, M: HForm,
     delta = scales.double() - a_ls
     e_greedy = e_ls.double() + torch.einsum('nk,nkl,nl->n', delta, Gm, delta)
     use = ok & (e_ls.double() <= e_greedy) & torch.isfinite(e_ls)
+    if not flips:
+        use &= ((a_ls * scales.double() > 0) | (scales == 0)).all(-1)
     if not bool(use.all()):     # rows without a valid refit: their own error
         bad = ~use
         g = gidx
@@ -470,25 +551,41 @@ def joint_feedback_refit(W: Tensor, scales: Tensor, codes: Tensor, M: HForm,
         e_ls[bad] = M.quad(W[bad] - torch.einsum('nk,nkd->nd', scales[bad], codes[bad]),
                            None if g is None else g[bad])
     a = torch.where(use[:, None], a_ls.float(), scales)
-    sign = torch.where(a < 0, -1.0, 1.0)
-    return a.abs(), codes * sign[..., None], e_ls
+    a, codes = positive_scales(a, codes, grid)
+    return a, codes, e_ls
 
 
 def _joint_level(ps: PointSet, W: Tensor, ch: Tensor, k: int, fb: Feedback,
                  gidx: Tensor | None) -> None:
-    """Level k of joint feedback for channels ``ch`` (rows ``W``), in place."""
+    """Level k of joint feedback for channels ``ch`` (rows ``W``), in place. At
+    level 1 with signed scales, the first point's other side (``PointSet.other``)
+    is rounded as well, and each channel keeps the lower error."""
     if k not in ps.alt:
         ps.alt[k] = (torch.zeros(ps.channels, k, ps.d, dtype=torch.int8),
                      torch.zeros(ps.channels, k))
-    a, q, e = joint_feedback(W, ps.scales[ch, :k], fb, ps.bits, gidx,
-                             ps.search.get('refit', True),
-                             None if ps.mw is None else ps.mw[ch],
-                             ps.search.get('pow2', False))
+    args = (fb, ps.bits, gidx, ps.search.get('refit', True),
+            None if ps.mw is None else ps.mw[ch], ps.search.get('pow2', False), ps.grid)
+    a, q, e = joint_feedback(W, ps.scales[ch, :k], *args)
+    if k == 1 and ps.other is not None:
+        a2, q2, e2 = joint_feedback(W, ps.other[ch, None], *args)
+        two = (e2 < e) & (ps.other[ch] != 0)
+        a, q, e = (torch.where(two.reshape(-1, *[1] * (t.dim() - 1)), t2, t)
+                   for t, t2 in ((a, a2), (q, q2), (e, e2)))
     use = e < ps.cerr[ch, k]
     ps.alt[k][0][ch] = q.to(torch.int8)
     ps.alt[k][1][ch] = a
     ps.use_alt[ch, k] = use
     ps.err[ch, k] = torch.where(use, e, ps.cerr[ch, k])
+
+
+def _pow2_room(ps: PointSet, ch: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """``pow2_room`` for point k of channels ``ch`` (None without pow2 or for the
+    first point); marks in ``ps.merges`` the channels whose point k will merge."""
+    if ps.merges is None or not k:
+        return None
+    step, jmax = pow2_room(ps.scales[ch, :k], ps.bits, ps.grid)
+    ps.merges[ch, k] = jmax >= 1
+    return step, jmax
 
 
 def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
@@ -498,7 +595,7 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
                       n_refine: int = DEFAULT_N_REFINE,
                       lloyd: int = DEFAULT_LLOYD, feedback: Feedback | None = None,
                       fb_points: int = 1, fb_mode: str = 'joint',
-                      pow2: bool = False) -> PointSet:
+                      pow2: bool = False, grid: str = 'symmetric') -> PointSet:
     """Greedy points for every channel of W (C, d) in the metric of H.
 
     ``H`` None means the weight-space metric (H = I). ``n_points`` (default
@@ -518,7 +615,11 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
     ``pow2``: each further point's scale is the previous one's / 2^j, wherever the
     channel's points then still merge into one int8 code (``pow2_room``; joint
     feedback refits a common factor only): on int8 hardware such a channel runs as
-    one int8 row (``merge_pow2``), its extra points at no extra compute.
+    one int8 row (``merge_pow2``), its extra points at no extra compute
+    (``PointSet.merges`` says which points merge).
+
+    ``grid``: the code grid, 'symmetric' or 'full' (``grid.GRIDS``; see the module
+    doc for the full grid's signed scales).
     """
     n_refine = check_positive_int(n_refine, 'n_refine', 0)
     lloyd = check_positive_int(lloyd, 'lloyd', 0)
@@ -530,6 +631,7 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
     fb_points = check_positive_int(fb_points, 'fb_points', 0)
     M = _check_feedback(W, H, feedback)
     check_choice(fb_mode, 'fb_mode', FB_MODES)
+    check_grid(grid)
     W = W.detach().float().cpu()
     C, d = W.shape
     ratios = default_ratios(bits, n_candidates, min_ratio)
@@ -539,7 +641,8 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
                   computed=torch.zeros(C, dtype=torch.int64), bits=bits,
                   search=dict(ratios=ratios, refit=bool(refit), n_refine=n_refine,
                               lloyd=lloyd, fb_points=fb_points if feedback else 0,
-                              fb_mode=fb_mode, pow2=bool(pow2)))
+                              fb_mode=fb_mode, pow2=bool(pow2)), grid=grid,
+                  merges=torch.zeros(C, P, dtype=torch.bool) if pow2 else None)
     joint = feedback is not None and fb_mode == 'joint'
     if joint:
         ps.use_alt = torch.zeros(C, P + 1, dtype=torch.bool)
@@ -551,13 +654,17 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
     ps.werr[:, 0] = torch.linalg.vecdot(W, W)
     R = W
     for k in range(n_points):
-        p2 = pow2_room(ps.scales[:, :k], bits) if pow2 and k else None
-        scale, q, Rn, e = greedy_step(R, H, bits, ratios, refit, ps.cerr[:, k],
-                                      n_refine=n_refine, lloyd=lloyd,
-                                      measure=None if feedback is None else M, pow2=p2)
+        p2 = _pow2_room(ps, torch.arange(C), k)
+        scale, q, Rn, e, other = greedy_step(
+            R, H, bits, ratios, refit, ps.cerr[:, k], n_refine=n_refine, lloyd=lloyd,
+            measure=None if feedback is None else M, pow2=p2, grid=grid,
+            return_other=True)
+        if joint and k == 0 and signed_scales(bits, grid):
+            ps.other = other
         if feedback is not None and not joint and k < fb_points:
             scale, q, Rn, e = feedback_step(R, scale, q, Rn, e, feedback, bits,
-                                            refit=True if p2 is None else p2[1] < 1)
+                                            refit=True if p2 is None else p2[1] < 1,
+                                            grid=grid)
         R = Rn
         ps.scales[:, k] = scale
         ps.codes[:, k] = q.to(torch.int8)
@@ -611,16 +718,17 @@ def extend_points(ps: PointSet, W: Tensor, H: HForm | None, channels: Tensor,
         ch = channels[sel]
         g = None if gidx_all is None else gidx_all[sel]
         Rs = R[sel]
-        p2 = pow2_room(ps.scales[ch, :k], ps.bits) if ps.search.get('pow2') and k \
-            else None
+        p2 = _pow2_room(ps, ch, k)
         scale, q, Rn, e = greedy_step(Rs, H, ps.bits, ratios, refit,
                                       ps.cerr[ch, k], gidx=g,
                                       n_refine=ps.search.get('n_refine', 0),
                                       lloyd=ps.search.get('lloyd', 0),
-                                      measure=None if feedback is None else M, pow2=p2)
+                                      measure=None if feedback is None else M, pow2=p2,
+                                      grid=ps.grid)
         if feedback is not None and not joint and k < fb_points:
             scale, q, Rn, e = feedback_step(Rs, scale, q, Rn, e, feedback, ps.bits, g,
-                                            refit=True if p2 is None else p2[1] < 1)
+                                            refit=True if p2 is None else p2[1] < 1,
+                                            grid=ps.grid)
         R[sel] = Rn
         ps.scales[ch, k] = scale
         ps.codes[ch, k] = q.to(torch.int8)

@@ -1,6 +1,8 @@
 """Packing of b-bit codes into bytes, vectorized, for every b in 2..8.
 
-A code c in -Q..Q is stored as the unsigned field u = c + Q (0..2Q < 2**b).
+A code c in lo..hi (``grid.code_range``) is stored as the unsigned field u = c - lo:
+on the symmetric grid u = c + Q (0..2Q < 2**b, the format of every export written
+before the full grid existed), on the full grid u = c + 2**(b-1) (0..2**b - 1).
 Layout: a little-endian bitstream. Codes are taken in groups of 8 (the last group
 zero-padded); a group holds 8*b bits = exactly b bytes, code i of the group in
 bits [i*b, (i+1)*b) of the group's little-endian integer. So ``numel`` codes take
@@ -13,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from .grid import check_bits, qmax
+from .grid import check_bits, code_range
 
 _CHUNK = 1 << 20      # groups of 8 codes per vectorized chunk
 
@@ -22,16 +24,18 @@ def packed_nbytes(numel: int, bits: int) -> int:
     return math.ceil(int(numel) / 8) * check_bits(bits)
 
 
-def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """int8 codes (any shape) -> flat uint8 tensor of ``packed_nbytes`` bytes."""
+def pack_codes(codes: Tensor, bits: int, grid: str = 'symmetric') -> Tensor:
+    """int8 codes (any shape) of ``grid`` -> flat uint8 tensor of ``packed_nbytes``
+    bytes."""
     bits = check_bits(bits)
-    Q = qmax(bits)
+    lo, hi = code_range(bits, grid)
     if not isinstance(codes, Tensor) or codes.dtype != torch.int8:
         raise ValueError('codes must be an int8 tensor')
     flat = codes.reshape(-1)
-    if flat.numel() and int(flat.to(torch.int16).abs().max()) > Q:
-        raise ValueError(f'codes must lie in -{Q}..{Q} for bits={bits}')
-    u = (flat.to(torch.int64) + Q)
+    if flat.numel() and (int(flat.min()) < lo or int(flat.max()) > hi):
+        raise ValueError(f'codes must lie in {lo}..{hi} for bits={bits} on the {grid} '
+                         'grid')
+    u = (flat.to(torch.int64) - lo)
     n = flat.numel()
     pad = (-n) % 8
     if pad:
@@ -48,10 +52,10 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     return out.reshape(-1)
 
 
-def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
-    """Inverse of ``pack_codes``: flat int8 tensor of ``numel`` codes."""
+def unpack_codes(packed: Tensor, bits: int, numel: int, grid: str = 'symmetric') -> Tensor:
+    """Inverse of ``pack_codes``: flat int8 tensor of ``numel`` codes of ``grid``."""
     bits = check_bits(bits)
-    Q = qmax(bits)
+    lo, hi = code_range(bits, grid)
     if not isinstance(packed, Tensor) or packed.dtype != torch.uint8:
         raise ValueError('packed must be a uint8 tensor')
     if isinstance(numel, bool) or int(numel) < 0:
@@ -73,7 +77,7 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
             word = (b[s:s + _CHUNK].to(torch.int64) << bshift).sum(1)
             u[s:s + _CHUNK] = (word[:, None] >> shifts) & ((1 << bits) - 1)
         u = u.reshape(-1)[:numel]
-    if u.numel() and int(u.max()) > 2 * Q:
-        raise ValueError(f'packed data holds a field above {2 * Q}: not {bits}-bit '
-                         'codes')
-    return (u - Q).to(torch.int8)
+    if u.numel() and int(u.max()) > hi - lo:
+        raise ValueError(f'packed data holds a field above {hi - lo}: not {bits}-bit '
+                         f'codes of the {grid} grid')
+    return (u + lo).to(torch.int8)
