@@ -48,7 +48,8 @@ from .quant import pack_codes, packed_nbytes, unpack_codes
 FORMAT_VERSION = 1
 MARKER_KEY = 'mpq_requires_hook'
 LAYERS_KEY = 'mpq_layers'
-_QBUF_NAMES = ('codes', 'scales', 'npoints', 'in_index', 'act_scale', 'act_zero')
+# the buffers a quantized layer holds instead of its float weight
+QBUF_NAMES = ('codes', 'scales', 'npoints', 'in_index', 'act_scale', 'act_zero')
 _LAYER_KEYS = ('kind', 'bits', 'shape', 'codes', 'scales', 'npoints', 'in_index',
                'act_bits', 'act_symmetric', 'act_scale', 'act_zero')
 HOOK_HINT = ("add the hook to the config: custom_imports = dict(imports=['mpq_det']) and "
@@ -91,12 +92,14 @@ def allow_exports() -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The detector inside a distributed wrapper (DDP), or ``model`` itself."""
     from mmengine.model import is_model_wrapper
     return model.module if is_model_wrapper(model) else model
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
+    """One line to mmengine's current logger (the runner's, or the console)."""
     from mmengine.logging import print_log
     print_log(msg, logger='current')
 
@@ -179,7 +182,7 @@ def _source_meta(source: str | None) -> tuple[str | None, dict | None]:
         meta = ckpt.get('meta', {}) if isinstance(ckpt, dict) else {}
         dm = meta.get('dataset_meta') if isinstance(meta, dict) else None
     except Exception as e:  # noqa: BLE001  the sha is what matters; meta is a bonus
-        _log(f'mpq export: could not read dataset_meta from {source}: {e}'.splitlines()[0])
+        log(f'mpq export: could not read dataset_meta from {source}: {e}'.splitlines()[0])
         dm = None
     return sha, dm
 
@@ -188,12 +191,12 @@ def _source_meta(source: str | None) -> tuple[str | None, dict | None]:
 def build_export(model: nn.Module, source: str | None = None, settings: dict | None = None,
                  report: Any = None) -> dict:
     """The export dict of a quantized model (see the module docstring)."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     qstate = quantized_state(model)
     if not qstate:
         raise ValueError('the model has no quantized layers (QConv2d/QLinear): quantize it '
                          'first (MultipointQuantHook)')
-    drop = {f'{name}.{b}' for name in qstate for b in _QBUF_NAMES}
+    drop = {f'{name}.{b}' for name in qstate for b in QBUF_NAMES}
     state_dict = OrderedDict()
     for k, v in model.state_dict().items():
         if k in drop:
@@ -299,7 +302,7 @@ def save_quantized_checkpoint(model: nn.Module, path: str, source: str | None = 
     atomic_save(ckpt, path)
     sizes = ckpt['meta']['mpq']['sizes']
     sizes['file_bytes'] = os.path.getsize(path)
-    _log(f'mpq export written to {path}: ' + format_sizes(sizes))
+    log(f'mpq export written to {path}: ' + format_sizes(sizes))
     return ckpt['meta']['mpq']
 
 
@@ -309,7 +312,8 @@ def is_quantized_checkpoint(ckpt: Any) -> bool:
             and isinstance(ckpt['meta'].get('mpq'), dict))
 
 
-def _err(filename: str | None, problem: str) -> QuantizedCheckpointError:
+def checkpoint_error(filename: str | None, problem: str) -> QuantizedCheckpointError:
+    """The error for a bad file: ``'<filename>: <problem>'``."""
     where = filename if filename else 'quantized checkpoint'
     return QuantizedCheckpointError(f'{where}: {problem}')
 
@@ -317,32 +321,34 @@ def _err(filename: str | None, problem: str) -> QuantizedCheckpointError:
 def validate_export(ckpt: Any, filename: str | None = None) -> dict:
     """Checks the structure of an export dict; returns its ``meta['mpq']``."""
     if not isinstance(ckpt, dict):
-        raise _err(filename, f'not a checkpoint: the file holds a {type(ckpt).__name__}, '
-                             'not a dict')
+        raise checkpoint_error(filename, 'not a checkpoint: the file holds a '
+                                         f'{type(ckpt).__name__}, not a dict')
     if not is_quantized_checkpoint(ckpt):
         if 'state_dict' in ckpt:
-            raise _err(filename, 'a plain (float) checkpoint, not an mpq-det quantized '
-                                 'export; quantize it with tools/export.py or tools/test.py '
-                                 'with MultipointQuantHook')
-        raise _err(filename, f'not an mpq-det quantized export (a dict with keys '
-                             f'{sorted(map(str, ckpt))[:8]}, no state_dict/meta.mpq)')
+            raise checkpoint_error(filename, 'a plain (float) checkpoint, not an mpq-det '
+                                             'quantized export; quantize it with '
+                                             'tools/export.py or tools/test.py with '
+                                             'MultipointQuantHook')
+        raise checkpoint_error(filename, f'not an mpq-det quantized export (a dict with keys '
+                                         f'{sorted(map(str, ckpt))[:8]}, no state_dict/meta.mpq)')
     meta = ckpt['meta']['mpq']
     ver = meta.get('format_version')
     if ver != FORMAT_VERSION:
-        raise _err(filename, f'quantized export format_version {ver!r}; this mpq_det '
-                             f'reads format_version {FORMAT_VERSION} only (re-export it with '
-                             f'this version, or use the mpq_det that wrote it)')
+        raise checkpoint_error(filename, f'quantized export format_version {ver!r}; this '
+                                         f'mpq_det reads format_version {FORMAT_VERSION} only '
+                                         '(re-export it with this version, or use the mpq_det '
+                                         'that wrote it)')
     layers = ckpt.get(LAYERS_KEY)
     if not isinstance(layers, dict) or not isinstance(ckpt.get('state_dict'), dict):
-        raise _err(filename, f'corrupt quantized export: missing {LAYERS_KEY!r} or '
-                             "'state_dict'")
+        raise checkpoint_error(filename, f'corrupt quantized export: missing {LAYERS_KEY!r} or '
+                                         "'state_dict'")
     if sorted(layers) != sorted(meta.get('layers', [])):
-        raise _err(filename, 'corrupt quantized export: meta.mpq.layers does not list the '
-                             'stored layers')
+        raise checkpoint_error(filename, 'corrupt quantized export: meta.mpq.layers does not '
+                                         'list the stored layers')
     for name, rec in layers.items():
         if not isinstance(rec, dict) or any(k not in rec for k in _LAYER_KEYS):
-            raise _err(filename, f'corrupt quantized export: layer {name!r} lacks '
-                                 f'{[k for k in _LAYER_KEYS if k not in (rec or {})]}')
+            raise checkpoint_error(filename, f'corrupt quantized export: layer {name!r} lacks '
+                                             f'{[k for k in _LAYER_KEYS if k not in (rec or {})]}')
         try:
             rows, d = (int(x) for x in rec['shape'])
             if rec['kind'] not in ('conv2d', 'linear'):
@@ -357,14 +363,15 @@ def validate_export(ckpt: Any, filename: str | None = None) -> dict:
                 raise ValueError(f'scales {tuple(scales.shape)} / points sum '
                                  f'{int(npoints.sum())} do not match {rows} rows')
         except Exception as e:  # noqa: BLE001
-            raise _err(filename, f'corrupt quantized export: layer {name!r}: {e}') from None
+            raise checkpoint_error(filename,
+                                   f'corrupt quantized export: layer {name!r}: {e}') from None
     try:
         digest = content_sha256(ckpt)
     except Exception as e:  # noqa: BLE001
-        raise _err(filename, f'corrupt quantized export: {str(e)[:200]}') from None
+        raise checkpoint_error(filename, f'corrupt quantized export: {str(e)[:200]}') from None
     if digest != meta.get('content_sha256'):
-        raise _err(filename, 'corrupt quantized export: content checksum mismatch (the '
-                             'tensors were damaged or modified after export)')
+        raise checkpoint_error(filename, 'corrupt quantized export: content checksum mismatch (the '
+                                         'tensors were damaged or modified after export)')
     return meta
 
 
@@ -376,7 +383,8 @@ def unpacked_state(ckpt: dict, filename: str | None = None) -> dict[str, dict]:
         try:
             codes = unpack_codes(rec['codes'], rec['bits'], rows * d).reshape(rows, d)
         except ValueError as e:
-            raise _err(filename, f'corrupt quantized export: layer {name!r}: {e}') from None
+            raise checkpoint_error(filename,
+                                   f'corrupt quantized export: layer {name!r}: {e}') from None
         out[name] = dict(kind=rec['kind'], bits=int(rec['bits']), codes=codes,
                          scales=rec['scales'].float(), npoints=rec['npoints'].to(torch.int64),
                          in_index=rec['in_index'], act_bits=rec['act_bits'],
@@ -393,34 +401,36 @@ def prepare_model_for_export(model: nn.Module, checkpoint: dict,
     the state_dict holds exactly ``model``'s keys (codes unpacked), so mmengine's own
     load fills every tensor and the model is bit-identical to the one exported.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     validate_export(checkpoint, filename)
     state = unpacked_state(checkpoint, filename)
     for name in state:
         try:
             m = model.get_submodule(name)
         except AttributeError:
-            raise _err(filename, f'the export has quantized layer {name!r}, which this '
-                                 f'model (config) does not have') from None
+            raise checkpoint_error(filename, f'the export has quantized layer {name!r}, which this '
+                                             f'model (config) does not have') from None
         if isinstance(m, (QConv2d, QLinear)):
-            raise _err(filename, f'layer {name!r} of the model is already quantized; '
-                                 'load a quantized export into a freshly built model')
+            raise checkpoint_error(filename, f'layer {name!r} of the model is already quantized; '
+                                             'load a quantized export into a freshly built model')
     try:
         apply_quantized_state(model, state)
     except ValueError as e:
-        raise _err(filename, f'the export does not fit this model (config): {e}') from None
+        raise checkpoint_error(filename,
+                               f'the export does not fit this model (config): {e}') from None
     sd = OrderedDict(checkpoint['state_dict'])
     for name, s in state.items():
-        for b in _QBUF_NAMES:
+        for b in QBUF_NAMES:
             if s[b] is not None:
                 sd[f'{name}.{b}'] = s[b]
     want = model.state_dict()
     missing = [k for k in want if k not in sd]
     extra = [k for k in sd if k not in want]
     if missing or extra:
-        raise _err(filename, f'the export does not fit this model (config): missing '
-                             f'{missing[:5]}{"..." if len(missing) > 5 else ""}, unexpected '
-                             f'{extra[:5]}{"..." if len(extra) > 5 else ""}')
+        raise checkpoint_error(filename, 'the export does not fit this model (config): '
+                                         f'missing {missing[:5]}'
+                                         f'{"..." if len(missing) > 5 else ""}, unexpected '
+                                         f'{extra[:5]}{"..." if len(extra) > 5 else ""}')
     checkpoint['state_dict'].clear()
     checkpoint['state_dict'].update((k, sd[k]) for k in want)
 
@@ -462,19 +472,19 @@ def read_checkpoint(path: str) -> Any:
     if not isinstance(path, str) or not path:
         raise QuantizedCheckpointError(f'{path!r}: not a file path')
     if not osp.exists(path):
-        raise _err(path, 'no such file')
+        raise checkpoint_error(path, 'no such file')
     if not osp.isfile(path):
-        raise _err(path, 'not a regular file')
+        raise checkpoint_error(path, 'not a regular file')
     if osp.getsize(path) == 0:
-        raise _err(path, 'empty file (0 bytes)')
+        raise checkpoint_error(path, 'empty file (0 bytes)')
     allow_exports()
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except QuantizedCheckpointError as e:
-        raise _err(path, str(e)) from None
+        raise checkpoint_error(path, str(e)) from None
     except Exception as e:  # noqa: BLE001  torch raises many types; name the file
         problem = _classify_load_error(path, e)
-    raise _err(path, problem)
+    raise checkpoint_error(path, problem)
 
 
 def load_quantized_checkpoint(path: str) -> dict:
@@ -515,7 +525,7 @@ def quantize_and_export(cfg, checkpoint: str, out: str, work_dir: str | None = N
     hooks = list(cfg.get('custom_hooks') or [])
     found = [i for i, h in enumerate(hooks) if _is_quant_hook(h)]
     if not found:
-        _log('mpq export: the config has no MultipointQuantHook; using its defaults')
+        log('mpq export: the config has no MultipointQuantHook; using its defaults')
         hooks.append(dict(type='MultipointQuantHook'))
         found = [len(hooks) - 1]
     hooks[found[0]] = dict(hooks[found[0]], export=out)

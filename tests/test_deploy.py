@@ -1,4 +1,4 @@
-"""The int8 QDQ ONNX graph (issue 11) on tiny models: outputs against the PyTorch
+"""The int8 QDQ ONNX graph on tiny models: outputs against the PyTorch
 W4A8 model, multipoint rows, depthwise convs, what stays float, and integer kernels
 in onnxruntime's optimized graph."""
 import numpy as np
@@ -111,13 +111,13 @@ def toy(max_points: int, residual: bool = True, seed: int = 0, skip=(),
 def conv_nodes(model, exclude=(), only=None) -> int:
     """Conv nodes of the int8 graph: one per layer, plus a 1x1 segment-sum conv for a
     dense multipoint layer with its extra rows; one per point level for a grouped
-    multipoint layer or a dense one where that costs less (qdq.levels_cheaper)."""
-    from mpq_det.deploy import qdq
+    multipoint layer or a dense one where that costs less (rows.levels_cheaper)."""
+    from mpq_det.deploy import rows
     n = 0
     for name, m in model.named_modules():
         if isinstance(m, QConv2d) and name not in exclude and (only is None or name in only):
             p = int(m.npoints.max())
-            n += p if m.groups > 1 or (p > 1 and qdq.levels_cheaper(m)) else 1 + (p > 1)
+            n += p if m.groups > 1 or (p > 1 and rows.levels_cheaper(m)) else 1 + (p > 1)
     return n
 
 
@@ -172,8 +172,8 @@ def test_int8_outputs_match_pytorch_w4a8(max_points, tmp_path):
 def test_dense_multipoint_as_rows_or_levels(levels, tmp_path, monkeypatch):
     """Both ways of running a dense multipoint conv (its extra rows and the segment-sum
     conv, or one conv per point level) match PyTorch and run as integer kernels."""
-    from mpq_det.deploy import qdq
-    monkeypatch.setattr(qdq, 'levels_cheaper', lambda q: levels)
+    from mpq_det.deploy import rows
+    monkeypatch.setattr(rows, 'levels_cheaper', lambda q: levels)
     model = toy(3)
     path, _ = deploy(model, tmp_path)
     assert compare(model, path) <= TOL
@@ -185,10 +185,10 @@ def test_dense_multipoint_as_rows_or_levels(levels, tmp_path, monkeypatch):
 def test_float_sum_of_the_rows(tmp_path, monkeypatch):
     """The float Slice/Add/Concat sum (used when the levels' powers of two differ too
     much for int8 weights) gives the same outputs as the integer segment-sum conv."""
-    from mpq_det.deploy import qdq
+    from mpq_det.deploy import rows
     model = toy(3)
     d_int = compare(model, deploy(model, tmp_path)[0])
-    monkeypatch.setattr(qdq, 'MAX_SEGMENT_SHIFT', -1)
+    monkeypatch.setattr(rows, 'MAX_SEGMENT_SHIFT', -1)
     path, _ = deploy(model, tmp_path)
     import onnx
     ops = {n.op_type for n in onnx.load(path).graph.node}
@@ -238,7 +238,7 @@ def test_score_floor_rounds_the_scores_that_matter_finer(tmp_path):
 
 
 def test_pow2_points_run_as_one_int8_row(tmp_path):
-    """Points with power-of-two scale ratios (point_scales='pow2') merge into one
+    """Points with power-of-two scale ratios (points.scales='pow2') merge into one
     int8 row per channel: the graph has the one-point graph's convs (no extra rows,
     levels or sums), matches PyTorch, and its merged codes exceed 4 bits."""
     import onnx

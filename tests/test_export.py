@@ -1,4 +1,4 @@
-"""Quantized checkpoints: export, exact reload, size, conversions, safety (issue 5).
+"""Quantized checkpoints: export, exact reload, size, conversions, safety.
 
 One one-stage (RetinaNet) and one two-stage (Faster R-CNN) detector, random-init on
 the tiny synthetic set, so predictions are compared as tensors (score_thr=0 keeps

@@ -11,6 +11,7 @@ import io
 import os
 import os.path as osp
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,14 +19,20 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..checkpoint_io import atomic_save
-from ..export import (FORMAT_VERSION, _QBUF_NAMES, _err, _log, _unwrap,
-                      load_quantized_model, read_checkpoint)
+from ..export import (FORMAT_VERSION, QBUF_NAMES, checkpoint_error, load_quantized_model,
+                      log, read_checkpoint, unwrap_model)
 from ..modules import QConv2d, QLinear
 from ..qstate import swap_module
 
 
+class UnsupportedInput(ValueError):
+    """An input the deployment tools do not cover: a two-stage detector, a float
+    checkpoint where a quantized export is needed, a graph written for another model.
+    The tools print it and exit 2 (no stack trace)."""
+
+
 # ----------------------------------------------------------------------- conversions
-def _folded_weight(m: QConv2d | QLinear) -> Tensor:
+def folded_weight(m: QConv2d | QLinear) -> Tensor:
     """The dequantized weight on the layer's own inputs (OCS duplicates summed back)."""
     w = m.weight.detach().clone()
     if m.in_index is None:
@@ -37,21 +44,22 @@ def _folded_weight(m: QConv2d | QLinear) -> Tensor:
 
 def dequantized_state_dict(model: nn.Module) -> OrderedDict:
     """The float state_dict plain mmdet loads: each quantized layer -> weight (+bias)."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     sd = OrderedDict()
     qlayers = {n: m for n, m in model.named_modules() if isinstance(m, (QConv2d, QLinear))}
     for name, m in qlayers.items():
         if m.act_bits is not None:
-            raise ValueError(f'layer {name!r} fake-quantizes its input activations '
-                             f'(act_bits={m.act_bits}); a plain float model cannot do that, '
-                             'so --to-float would not reproduce the quantized model')
-    drop = {f'{n}.{b}' for n in qlayers for b in _QBUF_NAMES}
+            raise UnsupportedInput(f'layer {name!r} fake-quantizes its input activations '
+                                   f'to {m.act_bits} bits; a plain float model cannot do '
+                                   'that, so --to-float would not reproduce the quantized '
+                                   'model')
+    drop = {f'{n}.{b}' for n in qlayers for b in QBUF_NAMES}
     for k, v in model.state_dict().items():
         if k in drop:
             continue
         sd[k] = v.detach().cpu().clone()
     for name, m in qlayers.items():
-        sd[f'{name}.weight'] = _folded_weight(m).cpu()
+        sd[f'{name}.weight'] = folded_weight(m).cpu()
     return sd
 
 
@@ -145,9 +153,23 @@ class CommonOperandsLinear(_CommonOperands):
         return out
 
 
+def without_act_quant(model: nn.Module) -> tuple[nn.Module, int]:
+    """(``model``, 0) when no quantized layer fake-quantizes its input activations;
+    else (a copy in which none does, how many did)."""
+    model = unwrap_model(model)
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, (QConv2d, QLinear)) and m.act_bits is not None]
+    if not names:
+        return model, 0
+    model = copy.deepcopy(model)
+    for n in names:
+        model.get_submodule(n).act_bits = None
+    return model, len(names)
+
+
 def expand_model(model: nn.Module) -> nn.Module:
     """Replaces (in place) every QConv2d/QLinear by its common-operands module."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     qlayers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QConv2d, QLinear))]
     if not qlayers:
         raise ValueError('the model has no quantized layers to expand')
@@ -161,7 +183,7 @@ def save_expanded_model(model: nn.Module, path: str) -> None:
     """``torch.save`` of the whole common-operands nn.Module (load it with
     ``load_expanded_model`` or ``torch.load(path, weights_only=False)``; mmdet and
     mpq_det must be importable)."""
-    model = expand_model(copy.deepcopy(_unwrap(model)).cpu())
+    model = expand_model(copy.deepcopy(unwrap_model(model)).cpu())
     atomic_save({'model': model, 'format': 'mpq-det common operands',
                  'format_version': FORMAT_VERSION}, path)
 
@@ -169,14 +191,14 @@ def save_expanded_model(model: nn.Module, path: str) -> None:
 def load_expanded_model(path: str) -> nn.Module:
     """Loads a ``save_expanded_model`` file (a full pickle: only from a trusted source)."""
     if not osp.isfile(path):
-        raise _err(path, 'no such file')
+        raise checkpoint_error(path, 'no such file')
     try:
         obj = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:  # noqa: BLE001
-        raise _err(path, f'cannot read the expanded model ({str(e).splitlines()[0][:200]})') \
-            from None
+        first = str(e).splitlines()[0][:200]
+        raise checkpoint_error(path, f'cannot read the expanded model ({first})') from None
     if not (isinstance(obj, dict) and obj.get('format') == 'mpq-det common operands'):
-        raise _err(path, 'not an mpq-det common-operands model file')
+        raise checkpoint_error(path, 'not an mpq-det common-operands model file')
     return obj['model'].eval()
 
 
@@ -249,7 +271,7 @@ def raw_outputs(model: nn.Module, inputs: Tensor, data_samples: list | None = No
     """``model(inputs, data_samples, mode='tensor')`` flattened (two-stage detectors
     include their RoI head outputs on the RPN proposals, hence need data_samples)."""
     samples = copy.deepcopy(data_samples)
-    return [t.detach().cpu() for t in RawOutputs(_unwrap(model).eval(), samples)(inputs)]
+    return [t.detach().cpu() for t in RawOutputs(unwrap_model(model).eval(), samples)(inputs)]
 
 
 def score_floors(model: nn.Module, inputs: Tensor) -> dict[str, float]:
@@ -263,7 +285,7 @@ def score_floors(model: nn.Module, inputs: Tensor) -> dict[str, float]:
     from [-21.5, 3.0] to [-3.7, 3.0].) Softmax heads (SSD) get none: there every logit
     moves the others' probabilities."""
     import math
-    model = _unwrap(model)
+    model = unwrap_model(model)
     head = getattr(model, 'bbox_head', None)
     thr = float(((getattr(head, 'test_cfg', None) or {}).get('score_thr')) or 0.0)
     if head is None or not getattr(head, 'use_sigmoid_cls', False) or not 0 < thr < 1:
@@ -276,8 +298,22 @@ def score_floors(model: nn.Module, inputs: Tensor) -> dict[str, float]:
     return {f'out{i}': math.log(p / (1 - p)) for i in range(len(out[0]))}
 
 
-def is_two_stage(model: nn.Module) -> bool:
-    return hasattr(_unwrap(model), 'roi_head')
+def require_one_stage(model: nn.Module | Mapping, what: str) -> None:
+    """Refuses (UnsupportedInput) a two-stage detector, which ``what`` (a graph from the
+    image batch to the raw head outputs) does not cover: its RoI head runs on
+    data-dependent RPN proposals. ``model``: the detector, or its config dict (a
+    check before anything is built or loaded)."""
+    if isinstance(model, nn.Module):
+        model = unwrap_model(model)
+        kind, roi_head = type(model).__name__, getattr(model, 'roi_head', None)
+    else:
+        kind = getattr(model.get('type'), '__name__', model.get('type'))
+        roi_head = model.get('roi_head')
+    if roi_head is not None:
+        raise UnsupportedInput(f'{what} covers one-stage detectors with a dense head (e.g. '
+                               'RetinaNet, FCOS, SSD): backbone, neck and dense head up to '
+                               f'the raw outputs; {kind} is a two-stage detector, whose RoI '
+                               'head runs on data-dependent RPN proposals: not covered')
 
 
 @torch.no_grad()
@@ -285,11 +321,8 @@ def export_onnx(model: nn.Module, inputs: Tensor, path: str, opset: int = 17,
                 check: bool = True) -> float | None:
     """ONNX of the network up to the raw head outputs (common operands), then (check)
     the max relative difference of onnxruntime's outputs vs ``model``'s in PyTorch."""
-    model = _unwrap(model).eval()
-    if is_two_stage(model):
-        raise ValueError('ONNX export covers one-stage detectors (network up to the raw '
-                         'head outputs); a two-stage detector\'s RoI head runs on '
-                         'data-dependent RPN proposals')
+    model = unwrap_model(model).eval()
+    require_one_stage(model, 'ONNX export')
     ref = raw_outputs(model, inputs)
     expanded = RawOutputs(expand_model(copy.deepcopy(model).cpu()).eval())
     names = [f'out{i}' for i in range(len(ref))]
@@ -316,7 +349,7 @@ def sample_inputs(cfg, model: nn.Module, num_images: int = 1,
     dl_cfg['persistent_workers'] = False
     loader = Runner.build_dataloader(dl_cfg)
     batch = next(iter(loader))
-    data = _unwrap(model).data_preprocessor(batch, False)
+    data = unwrap_model(model).data_preprocessor(batch, False)
     return data['inputs'], data['data_samples']
 
 
@@ -337,7 +370,16 @@ def convert_export(cfg, path: str, to_float: str | None = None,
                    num_images: int = 1) -> dict[str, float]:
     """Writes the requested conversions of the export ``path`` and checks each one's
     raw outputs against the quantized model's on the first test images. Returns
-    {conversion: max relative difference}."""
+    {conversion: max relative difference}.
+
+    The ONNX graph is float: an export that fake-quantizes activations is written
+    without that (its layers' weights as they are) and checked against the same
+    model with activation quantization off, under the key 'onnx (activation
+    quantization off)'. (With it, the graph's roundings flip wherever onnxruntime's
+    convs differ from PyTorch's in the last bits; the int8 graph with quantized
+    activations is tools/deploy.py's.)"""
+    if onnx:
+        require_one_stage(cfg.model, 'the ONNX graph of --onnx')  # before loading anything
     model = load_quantized_model(cfg, path)
     meta = read_checkpoint(path)['meta']
     inputs, samples = sample_inputs(cfg, model, num_images)
@@ -349,16 +391,23 @@ def convert_export(cfg, path: str, to_float: str | None = None,
         from mmengine.runner.checkpoint import load_checkpoint
         load_checkpoint(plain, to_float, map_location='cpu', strict=True, logger='silent')
         diffs['float'] = max_rel_diff(raw_outputs(plain, inputs, samples), ref)
-        _log(f'--to-float {to_float}: plain-mmdet float model vs quantized raw outputs: '
-             f'max rel diff {diffs["float"]:.3e}')
+        log(f'--to-float {to_float}: plain-mmdet float model vs quantized raw outputs: '
+            f'max rel diff {diffs["float"]:.3e}')
     if to_expanded:
         save_expanded_model(model, to_expanded)
         expanded = load_expanded_model(to_expanded)
         diffs['expanded'] = max_rel_diff(raw_outputs(expanded, inputs, samples), ref)
-        _log(f'--to-expanded {to_expanded}: common-operands model vs quantized raw outputs: '
-             f'max rel diff {diffs["expanded"]:.3e}')
+        log(f'--to-expanded {to_expanded}: common-operands model vs quantized raw outputs: '
+            f'max rel diff {diffs["expanded"]:.3e}')
     if onnx:
-        diffs['onnx'] = export_onnx(model, inputs, onnx)
-        _log(f'--onnx {onnx}: onnxruntime vs PyTorch quantized raw outputs: max rel diff '
-             f'{diffs["onnx"]:.3e}')
+        net, n_act = without_act_quant(model)
+        off = ' (activation quantization off)' if n_act else ''
+        if n_act:
+            log(f'--onnx {onnx}: {n_act} quantized layers of the export fake-quantize their '
+                'input activations; the float ONNX graph is written without that and '
+                'checked against the same model with activation quantization off (the int8 '
+                'graph with quantized activations: tools/deploy.py)')
+        diffs['onnx' + off] = export_onnx(net, inputs, onnx)
+        log(f'--onnx {onnx}: onnxruntime vs PyTorch quantized raw outputs{off}: max rel '
+            f'diff {diffs["onnx" + off]:.3e}')
     return diffs

@@ -14,7 +14,12 @@ from mmengine.hooks import Hook
 from mmdet.registry import HOOKS
 from torch import Tensor
 
-from ..export import _log, _unwrap
+from ..export import log, unwrap_model
+from .convert import UnsupportedInput, raw_outputs, require_one_stage
+
+# metadata_props of the graphs tools/deploy.py writes: where they come from
+SOURCE_CONFIG = 'mpq_det.config'
+SOURCE_CHECKPOINT = 'mpq_det.checkpoint'
 
 # op types of the optimized graph (any domain: onnxruntime rewrites to NHWC/NCHWc ops)
 INTEGER_CONV_OPS = ('QLinearConv',)
@@ -70,16 +75,21 @@ def _regroup(flat: list[Tensor], num_levels: int) -> tuple[list[Tensor], ...]:
     return tuple(flat[i:i + num_levels] for i in range(0, len(flat), num_levels))
 
 
-def attach_onnx(model: torch.nn.Module, path: str, threads: int = 1) -> None:
+def attach_onnx(model: torch.nn.Module, path: str, threads: int = 1,
+                model_desc: str = 'the model') -> None:
     """Makes ``model`` (an mmdet one-stage detector) run its backbone, neck and dense
     head as the ONNX graph ``path`` (raw outputs in ``flatten_outputs`` order);
-    preprocessing and ``predict_by_feat`` (decoding, NMS) stay in mmdet."""
-    det = _unwrap(model)
-    if hasattr(det, 'roi_head') or not hasattr(det, 'bbox_head'):
-        raise ValueError('attach_onnx covers one-stage detectors with a dense bbox_head')
+    preprocessing and ``predict_by_feat`` (decoding, NMS) stay in mmdet. A graph that
+    does not fit ``model`` (``model_desc`` names it) is refused (``check_graph_fits``)."""
+    det = unwrap_model(model)
+    require_one_stage(det, 'an ONNX graph run by OnnxRuntimeHook')
+    if getattr(det, 'bbox_head', None) is None:
+        raise UnsupportedInput(f'{type(det).__name__} has no dense bbox_head, whose raw '
+                               'outputs an ONNX graph run by OnnxRuntimeHook replaces')
     if not osp.isfile(path):
         raise FileNotFoundError(f'ONNX file {path} does not exist')
     sess = make_session(path, threads)
+    check_graph_fits(sess, path, det, model_desc)
     num_levels = det.bbox_head.prior_generator.num_levels
 
     def head_forward(x: Tensor):
@@ -90,11 +100,54 @@ def attach_onnx(model: torch.nn.Module, path: str, threads: int = 1) -> None:
     det.onnx_session = sess
 
 
+# the dummy batch's height and width where the graph leaves them free: divisible by
+# the coarsest pyramid stride of the repo's detectors (128)
+FIT_CHECK_SIZE = 128
+
+
+def check_graph_fits(sess, path: str, model: torch.nn.Module, model_desc: str) -> None:
+    """Refuses (UnsupportedInput) a graph whose raw outputs on a dummy batch differ
+    from ``model``'s in number or in shape (channels, height, width): a graph written
+    for another detector (other classes, channels or pyramid levels) would otherwise
+    run the whole test and score near zero. Names the graph's source when
+    tools/deploy.py recorded it."""
+    dims = sess.get_inputs()[0].shape
+    shape = [d if isinstance(d, int) and d > 0 else free
+             for d, free in zip(dims, (1, 3, FIT_CHECK_SIZE, FIT_CHECK_SIZE))]
+    x = torch.zeros(shape)
+    meta = sess.get_modelmeta().custom_metadata_map
+    source = (f' (tools/deploy.py wrote it from {meta[SOURCE_CONFIG]} and '
+              f'{meta[SOURCE_CHECKPOINT]})' if SOURCE_CONFIG in meta else '')
+    where = f'ONNX graph {path}{source} does not fit {model_desc}'
+    def dims(t) -> str:
+        return 'x'.join(map(str, t.shape[1:]))
+    batch = 'x'.join(map(str, shape))
+    try:
+        got = [dims(o) for o in run_session(sess, x)]
+    except Exception as e:  # noqa: BLE001  onnxruntime raises its own error types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UnsupportedInput(f'{where}: onnxruntime cannot run it on a {batch} batch '
+                               f'({first})') from None
+    want = [dims(t) for t in raw_outputs(model, x)]
+    if got == want:
+        return
+    if len(got) != len(want):
+        what = (f'the graph has {len(got)} raw outputs, the model\'s head {len(want)} '
+                f'(graph {got}, model {want})')
+    else:
+        i = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w)
+        what = f'raw output {i} (of {len(got)}) is {got[i]} in the graph and {want[i]} in the model'
+    raise UnsupportedInput(f'{where}: {what} (channels x height x width, on a {batch} '
+                           'batch); it was written for another detector (other classes, '
+                           'channels or pyramid levels)')
+
+
 @HOOKS.register_module()
 class OnnxRuntimeHook(Hook):
     """``custom_hooks = [dict(type='OnnxRuntimeHook', onnx='model_int8.onnx')]``:
     test with the ONNX graph instead of the PyTorch backbone, neck and head (after
-    MultipointQuantHook, which has a higher priority, rebuilt the model)."""
+    MultipointQuantHook, which has a higher priority, rebuilt the model). A graph
+    that does not fit the model is refused before the test loop starts."""
     priority = 'LOWEST'
 
     def __init__(self, onnx: str, threads: int = 1):
@@ -102,9 +155,12 @@ class OnnxRuntimeHook(Hook):
         self.threads = int(threads)
 
     def before_test(self, runner) -> None:
-        attach_onnx(runner.model, self.onnx, self.threads)
-        _log(f'OnnxRuntimeHook: backbone, neck and head run in onnxruntime from '
-             f'{self.onnx} ({self.threads} thread(s)); mmdet post-processes')
+        cfg = runner.cfg
+        desc = (f'the model of {getattr(cfg, "filename", None) or "the config"} '
+                f'(checkpoint {cfg.get("load_from")})')
+        attach_onnx(runner.model, self.onnx, self.threads, desc)
+        log(f'OnnxRuntimeHook: backbone, neck and head run in onnxruntime from '
+            f'{self.onnx} ({self.threads} thread(s)); mmdet post-processes')
 
 
 def file_mib(path: str) -> float:

@@ -10,13 +10,16 @@ import torch
 from torch import Tensor
 
 from ..calibration import build_calib_loader
-from ..hook import CALIB_DEFAULTS as CALIB
-from ..export import _log, _unwrap, is_quantized_checkpoint, load_quantized_model, \
-    read_checkpoint
-from .convert import build_float_model, max_rel_diff, raw_outputs, rel_l2_diff, \
-    sample_inputs, write_bytes_atomic
-from .ort import integer_kernel_counts, make_session, ort_quantize_static, run_session
-from .qdq import DeployReport, build_int8_onnx, float_twin, torch_to_onnx
+from ..export import (is_quantized_checkpoint, load_quantized_model, log, read_checkpoint,
+                      unwrap_model)
+from ..quantizer import parse_group
+from .convert import (UnsupportedInput, build_float_model, max_rel_diff, raw_outputs,
+                      rel_l2_diff, require_one_stage, sample_inputs, write_bytes_atomic)
+from .graph import float_twin, torch_to_onnx
+from .ort import (SOURCE_CHECKPOINT, SOURCE_CONFIG, integer_kernel_counts, make_session,
+                  ort_quantize_static, run_session)
+from .qdq import build_int8_onnx
+from .records import DeployReport
 
 
 def load_detector(cfg, checkpoint: str) -> tuple[torch.nn.Module, dict | None]:
@@ -35,10 +38,16 @@ def load_detector(cfg, checkpoint: str) -> tuple[torch.nn.Module, dict | None]:
 def calib_batches(cfg, model: torch.nn.Module, calib: dict | None = None) -> list[Tensor]:
     """Preprocessed image batches of the calibration split (the export's own calib
     settings when it has them)."""
-    c = dict(CALIB, **(calib or {}))
-    loader = build_calib_loader(cfg, c['split'], c['num_images'], c['batch_size'], c['seed'])
-    pre = _unwrap(model).data_preprocessor
+    loader = build_calib_loader(cfg, **parse_group('calib', calib))
+    pre = unwrap_model(model).data_preprocessor
     return [pre(batch, False)['inputs'] for batch in loader]
+
+
+def record_source(proto, cfg, checkpoint: str) -> None:
+    """Records in the graph's metadata the config and checkpoint it is written from
+    (``OnnxRuntimeHook`` names them when the graph does not fit the model tested)."""
+    onnx.helper.set_model_props(proto, {SOURCE_CONFIG: str(cfg.filename),
+                                        SOURCE_CHECKPOINT: checkpoint})
 
 
 def deploy(cfg, checkpoint: str, out: str | None = None, fp32: str | None = None,
@@ -49,22 +58,26 @@ def deploy(cfg, checkpoint: str, out: str | None = None, fp32: str | None = None
     and/or the FP32 graph (of a float checkpoint, or of an export's dequantized
     weights) to ``fp32``, and/or onnxruntime's own ``quantize_static`` W8A8 of that
     FP32 graph to ``ort_static`` (calibrated on the same images as ``out``); checks
-    each against PyTorch on ``check_images`` test images. Returns the figures printed."""
+    each against PyTorch on ``check_images`` test images. Returns the figures printed.
+    UnsupportedInput: a two-stage detector (from ``cfg``, before anything is loaded),
+    or a float checkpoint for ``out``."""
+    require_one_stage(cfg.model, 'the deployed ONNX graph')  # before loading anything
     model, meta = load_detector(cfg, checkpoint)
+    if out and meta is None:
+        raise UnsupportedInput(f'{checkpoint} is a float checkpoint: the int8 graph needs a '
+                               'quantized export with 8-bit activations (tools/export.py ... '
+                               '--cfg-options custom_hooks.0.activations.bits=8); --fp32 '
+                               'and --ort-static work with it')
     inputs, _ = sample_inputs(cfg, model, check_images)
     ref = raw_outputs(model, inputs)
     result: dict = {}
-    if out and meta is None:
-        raise ValueError(f'{checkpoint} is a float checkpoint: the int8 graph needs a '
-                         'quantized export made with act_bits=8 (tools/export.py ... '
-                         '--cfg-options custom_hooks.0.act_bits=8); --fp32 and --ort-static '
-                         'work with it')
     # the export's own calibration images (or the hook's defaults for a float model)
     calib = calib or ((meta or {}).get('settings') or {}).get('calib')
     batches = calib_batches(cfg, model, calib) if out or ort_static else []
     if out:
         proto, report = build_int8_onnx(model, batches[0], batches, int8_outputs,
                                         int4=int4)
+        record_source(proto, cfg, checkpoint)
         onnx.checker.check_model(proto)
         write_bytes_atomic(proto.SerializeToString(), out)
         got = [torch.from_numpy(g) for g in run_session(make_session(out), inputs)]
@@ -76,24 +89,25 @@ def deploy(cfg, checkpoint: str, out: str | None = None, fp32: str | None = None
         result['report'] = report
         result['kernels'] = integer_kernel_counts(out)
         for line in report.lines():
-            _log(line)
+            log(line)
         k = result['kernels']
-        _log(f'int8 graph {out}: onnxruntime optimized graph has {k["integer_convs"]} '
-             f'QLinearConv, {k["conv_integer"]} ConvInteger, {k["float_convs"]} float convs; '
-             f'raw outputs vs PyTorch on {check_images} test images: max rel diff '
-             f'{result["int8_max_rel_diff"]:.3e}, relative L2 {result["int8_rel_l2_diff"]:.3e}')
+        log(f'int8 graph {out}: onnxruntime optimized graph has {k["integer_convs"]} '
+            f'QLinearConv, {k["conv_integer"]} ConvInteger, {k["float_convs"]} float convs; '
+            f'raw outputs vs PyTorch on {check_images} test images: max rel diff '
+            f'{result["int8_max_rel_diff"]:.3e}, relative L2 {result["int8_rel_l2_diff"]:.3e}')
     if fp32 or ort_static:
         with tempfile.TemporaryDirectory() as tmp:
             fp32_path = fp32 or osp.join(tmp, 'fp32.onnx')
             proto = torch_to_onnx(float_twin(model), inputs[:1], fold_bn=True)
+            record_source(proto, cfg, checkpoint)
             write_bytes_atomic(proto.SerializeToString(), fp32_path)
             ref_fp = raw_outputs(float_twin(model), inputs)
             what = 'dequantized weights, no act quantization' if meta else 'float model'
             if fp32:
                 got = [torch.from_numpy(g) for g in run_session(make_session(fp32), inputs)]
                 result['fp32_max_rel_diff'] = max_rel_diff(got, ref_fp)
-                _log(f'fp32 graph {fp32}: raw outputs vs PyTorch ({what}): max rel diff '
-                     f'{result["fp32_max_rel_diff"]:.3e}')
+                log(f'fp32 graph {fp32}: raw outputs vs PyTorch ({what}): max rel diff '
+                    f'{result["fp32_max_rel_diff"]:.3e}')
             if ort_static:
                 ort_quantize_static(fp32_path, ort_static, [b.numpy() for b in batches])
                 got = [torch.from_numpy(g) for g in run_session(make_session(ort_static),
@@ -101,12 +115,12 @@ def deploy(cfg, checkpoint: str, out: str | None = None, fp32: str | None = None
                 result['ort_max_rel_diff'] = max_rel_diff(got, ref_fp)
                 result['ort_rel_l2_diff'] = rel_l2_diff(got, ref_fp)
                 result['ort_kernels'] = k = integer_kernel_counts(ort_static)
-                _log(f'onnxruntime quantize_static W8A8 graph {ort_static} ({len(batches)} '
-                     f'calibration batches): {k["integer_convs"]} QLinearConv, '
-                     f'{k["conv_integer"]} ConvInteger, {k["float_convs"]} float convs; raw '
-                     f'outputs vs PyTorch ({what}): max rel diff '
-                     f'{result["ort_max_rel_diff"]:.3e}, relative L2 '
-                     f'{result["ort_rel_l2_diff"]:.3e}')
+                log(f'onnxruntime quantize_static W8A8 graph {ort_static} ({len(batches)} '
+                    f'calibration batches): {k["integer_convs"]} QLinearConv, '
+                    f'{k["conv_integer"]} ConvInteger, {k["float_convs"]} float convs; raw '
+                    f'outputs vs PyTorch ({what}): max rel diff '
+                    f'{result["ort_max_rel_diff"]:.3e}, relative L2 '
+                    f'{result["ort_rel_l2_diff"]:.3e}')
     return result
 
 
@@ -174,10 +188,10 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
                                    calib=dict(seed=seed), **kw)
         result, plans, _ = hook.quantize(model, calibrate, f'{len(batches)} random images')
         sm = summarize(result, model, plans)
-        _log(f'RetinaNet-R50 W{bits}A8 (budget {budget}, budget_on={hook.budget_on}, '
-             f'error_feedback={hook.error_feedback}, point_scales={hook.point_scales}): '
-             f'extra points add memory {sm["memory_overhead"]:.1%}, MACs '
-             f'{sm["compute_overhead"]:.1%} (at the calibration size)')
+        log(f'RetinaNet-R50 W{bits}A8 (budget {budget}, budget_on={hook.budget_on}, '
+            f'error_feedback={hook.error_feedback}, point_scales={hook.point_scales}): '
+            f'extra points add memory {sm["memory_overhead"]:.1%}, MACs '
+            f'{sm["compute_overhead"]:.1%} (at the calibration size)')
         return model
     model = quantized()
     paths = {k: osp.join(out_dir, f'retinanet_r50_{k}.onnx') for k in
