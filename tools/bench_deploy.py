@@ -10,7 +10,7 @@ optimized graph that run as integer kernels (QLinearConv) or in float. ``--r50``
 adds mmdet's RetinaNet-R50 (random init, quantized W4A8 by our model pass) at mmdet's
 test scale (800x1333, padded to 800x1344), batch 1, with three more int8 graphs: with
 its head output convs float (--float-outputs of tools/deploy.py), without the extra
-points (what they cost), quantized with point_scales='pow2' (extra points merged
+points (what they cost), quantized with points.scales='pow2' (extra points merged
 into int8 rows), and onnxruntime's own quantize_static W8A8 of the FP32
 graph (tools/deploy.py --ort-static, the optional 4th graph of --graphs); the last line is
 ``int8_speedup=<fp32 median / int8 median>`` for it at 1 thread.

@@ -7,9 +7,13 @@
 --to-expanded  the common-operands model (integer-weight convs + scale-and-sum), a
                torch.save'd nn.Module: torch.load(path, weights_only=False)['model'].
 --onnx         the network up to the raw head outputs in common operands, checked
-               in onnxruntime (needs onnx + onnxruntime).
+               in onnxruntime (needs onnx + onnxruntime); a float graph: an export
+               that fake-quantizes activations is written and checked with that off
+               (the int8 graph with 8-bit activations: tools/deploy.py).
 Each output is checked against the quantized model's raw outputs on the first test
-image; the max relative difference is printed, and the exit code is 1 above --tol.
+image; the max relative difference is printed, and the exit code is 1 above --tol
+(2 for an input it does not cover: --onnx of a two-stage detector, --to-float of an
+export with activation quantization).
 """
 import argparse
 import sys
@@ -17,8 +21,8 @@ import sys
 from mmengine.config import DictAction
 
 import mpq_det  # noqa: F401
+from mpq_det.deploy.convert import CONVERT_TOL, UnsupportedInput, convert_export
 from mpq_det.launch import config_with_options
-from mpq_det.deploy.convert import CONVERT_TOL, convert_export
 
 
 def parse_args(argv=None):
@@ -40,9 +44,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = config_with_options(args.config, args.cfg_options)
-    diffs = convert_export(cfg, args.checkpoint, to_float=args.to_float,
-                           to_expanded=args.to_expanded, onnx=args.onnx,
-                           num_images=args.num_images)
+    try:
+        diffs = convert_export(cfg, args.checkpoint, to_float=args.to_float,
+                               to_expanded=args.to_expanded, onnx=args.onnx,
+                               num_images=args.num_images)
+    except UnsupportedInput as e:
+        print(f'tools/convert.py: error: {e}', file=sys.stderr)
+        return 2
     bad = {k: v for k, v in diffs.items() if not v <= args.tol}
     for k, v in diffs.items():
         print(f'{k}: max rel diff vs quantized {v:.3e} (tol {args.tol:g})')
