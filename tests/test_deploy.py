@@ -130,7 +130,8 @@ def deploy(model, tmp_path, int8_outputs=False, floors=None):
         proto, report = build_int8_onnx(model, calib[0], calib, int8_outputs=int8_outputs)
     else:
         b = Int8Builder(model, calib[0], int8_outputs, output_floors=floors)
-        proto = b.finish(tensor_ranges(b.G.proto(), b.build(), calib))
+        names = b.build()  # before the ranges: they are of the built graph's tensors
+        proto = b.finish(tensor_ranges(b.G.proto(), names, calib))
         report = b.report
     path = str(tmp_path / 'int8.onnx')
     import onnx
