@@ -6,7 +6,7 @@ Format (``FORMAT_VERSION`` 1), an mmengine-loadable checkpoint dict::
     {'state_dict': every tensor of the quantized model's state_dict that is NOT a
                    quantized layer's code buffer, as it was (BN, FP layers, the
                    quantized layers' biases ...),
-     'mpq_layers': {layer name: dict(kind, bits, shape=(rows, d), codes=<packed uint8>,
+     'mpq_layers': {layer name: dict(kind, bits, grid, shape=(rows, d), codes=<packed uint8>,
                                      scales float32 (rows,), npoints int16 (C_out,),
                                      in_index int64 | None, act_bits, act_symmetric,
                                      act_scale, act_zero)},
@@ -14,6 +14,10 @@ Format (``FORMAT_VERSION`` 1), an mmengine-loadable checkpoint dict::
                           layers, sizes, versions),
               'dataset_meta': ... (copied from the source checkpoint, if it had it)},
      'mpq_requires_hook': RequiresMultipointQuantHook(format_version)}
+
+``grid`` is the code grid the codes were packed for ('full' or 'symmetric', see
+``mpq_det.quant.packing``); exports written before it existed lack it and hold
+symmetric codes, which is what a missing ``grid`` means.
 
 The last entry is a marker. torch >= 2.6 loads with ``weights_only=True`` and refuses
 any global it does not know, so plain mmdet/mmengine fail on an export with an error
@@ -43,7 +47,7 @@ from torch import Tensor
 from .checkpoint_io import atomic_save
 from .modules import QConv2d, QLinear
 from .qstate import apply_quantized_state, quantized_state
-from .quant import pack_codes, packed_nbytes, unpack_codes
+from .quant import check_grid, pack_codes, packed_nbytes, unpack_codes
 
 FORMAT_VERSION = 1
 MARKER_KEY = 'mpq_requires_hook'
@@ -210,10 +214,11 @@ def build_export(model: nn.Module, source: str | None = None, settings: dict | N
     modules = dict(model.named_modules())
     for name, s in qstate.items():
         codes = s['codes']
-        packed = pack_codes(codes, s['bits'])
+        packed = pack_codes(codes, s['bits'], s['grid'])
         npoints = s['npoints']
         np_dtype = torch.int16 if int(npoints.max()) < 2 ** 15 else torch.int32
-        rec = dict(kind=s['kind'], bits=int(s['bits']), shape=[int(x) for x in codes.shape],
+        rec = dict(kind=s['kind'], bits=int(s['bits']), grid=s['grid'],
+                   shape=[int(x) for x in codes.shape],
                    codes=packed, scales=s['scales'].float().clone(),
                    npoints=npoints.to(np_dtype), in_index=s['in_index'],
                    act_bits=s['act_bits'], act_symmetric=bool(s['act_symmetric']),
@@ -353,6 +358,7 @@ def validate_export(ckpt: Any, filename: str | None = None) -> dict:
             rows, d = (int(x) for x in rec['shape'])
             if rec['kind'] not in ('conv2d', 'linear'):
                 raise ValueError(f'kind {rec["kind"]!r}')
+            check_grid(_grid(rec))
             codes, scales, npoints = rec['codes'], rec['scales'], rec['npoints']
             if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8):
                 raise ValueError('codes are not packed uint8')
@@ -375,17 +381,23 @@ def validate_export(ckpt: Any, filename: str | None = None) -> dict:
     return meta
 
 
+def _grid(rec: dict) -> str:
+    """The code grid of a stored layer; 'symmetric' for exports older than the grid."""
+    return rec.get('grid', 'symmetric')
+
+
 def unpacked_state(ckpt: dict, filename: str | None = None) -> dict[str, dict]:
     """``qstate``-style {layer: tensors} with the codes unpacked (int8)."""
     out = {}
     for name, rec in ckpt[LAYERS_KEY].items():
         rows, d = (int(x) for x in rec['shape'])
         try:
-            codes = unpack_codes(rec['codes'], rec['bits'], rows * d).reshape(rows, d)
+            codes = unpack_codes(rec['codes'], rec['bits'], rows * d,
+                                 _grid(rec)).reshape(rows, d)
         except ValueError as e:
             raise checkpoint_error(filename,
                                    f'corrupt quantized export: layer {name!r}: {e}') from None
-        out[name] = dict(kind=rec['kind'], bits=int(rec['bits']), codes=codes,
+        out[name] = dict(kind=rec['kind'], bits=int(rec['bits']), grid=_grid(rec), codes=codes,
                          scales=rec['scales'].float(), npoints=rec['npoints'].to(torch.int64),
                          in_index=rec['in_index'], act_bits=rec['act_bits'],
                          act_symmetric=rec['act_symmetric'], act_scale=rec['act_scale'],

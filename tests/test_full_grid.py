@@ -6,7 +6,8 @@ import torch
 from mpq_det import MultipointQuantizer
 from mpq_det.quant import (ExactH, Feedback, QuantizedWeight, code_range,
                            feedback_round_reference, greedy_multipoint, merge_pow2,
-                           mse_clip, multipoint_quantize, pack_codes, random_correlated_rows,
+                           mse_clip, multipoint_quantize, pack_codes, packed_nbytes,
+                           random_correlated_rows,
                            random_hform, rtn, unpack_codes)
 from mpq_det.quant.levels import expanded_rows
 from mpq_det.quant.multipoint import int8_rows
@@ -213,3 +214,64 @@ def test_quantizer_grid_and_target_arguments():
         MultipointQuantizer(grid='half')
     with pytest.raises(ValueError, match=r"target='gpu' is not allowed"):
         MultipointQuantizer(target='gpu')
+
+
+# ------------------------------------------------------------------------- export
+class _Det(torch.nn.Module):
+    """A detector-shaped toy: backbone (dense + depthwise), neck, head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        nn = torch.nn
+        self.backbone = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU())
+        self.neck = nn.Sequential(nn.Conv2d(16, 24, 1), nn.ReLU())
+        self.bbox_head = nn.Conv2d(24, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.bbox_head(self.neck(self.backbone(x)))
+
+
+@pytest.mark.parametrize('grid', ['full', 'symmetric'])
+@pytest.mark.parametrize('target', ['int8', 'lowbit'])
+def test_export_round_trip_is_bit_exact(grid, target, tmp_path):
+    """An export reloads into a fresh model with the same outputs, bit for bit, on
+    both grids; one without the layers' ``grid`` (written before it existed) reads
+    as symmetric."""
+    from mpq_det.export import (allow_exports, build_export, content_sha256,
+                                prepare_model_for_export, validate_export)
+    allow_exports()
+    xs = [torch.randn(2, 3, 12, 12, generator=gen(i)) for i in range(3)]
+
+    def calibrate(m, ref):
+        with torch.no_grad():
+            for x in xs:
+                m(x)
+    q = MultipointQuantizer(bits=2, budget=0.2, grid=grid, target=target,
+                            calib=dict(num_images=6))
+    model = _Det()
+    q.quantize(model, calibrate)
+    with torch.no_grad():
+        ref = [model(x) for x in xs]
+    ckpt = build_export(model, settings=q.settings())
+    assert ckpt['meta']['mpq']['settings']['grid'] == grid
+    assert {r['grid'] for r in ckpt['mpq_layers'].values()} == {grid}
+    stored = {n: r['codes'].numel() for n, r in ckpt['mpq_layers'].items()}
+    if grid == 'symmetric':   # as an export written before the grid existed
+        for r in ckpt['mpq_layers'].values():
+            del r['grid']
+        ckpt['meta']['mpq']['content_sha256'] = content_sha256(ckpt)
+    torch.save(ckpt, tmp_path / 'q.pth')
+    ckpt = torch.load(tmp_path / 'q.pth', weights_only=False)
+    validate_export(ckpt)
+    fresh = _Det()
+    prepare_model_for_export(fresh, ckpt)
+    fresh.load_state_dict(ckpt['state_dict'])
+    with torch.no_grad():
+        out = [fresh(x) for x in xs]
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    # b bits per code on both grids
+    for name, m in fresh.named_modules():
+        if name in stored:
+            assert stored[name] == packed_nbytes(m.codes.numel(), 2) and m.grid == grid
