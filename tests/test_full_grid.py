@@ -24,8 +24,10 @@ def random_layer(C=48, d=36, seed=0):
 
 
 def test_code_ranges():
-    assert [code_range(b, 'full') for b in (2, 3, 4, 8)] == \
-        [(-2, 1), (-4, 3), (-8, 7), (-128, 127)]
+    assert [code_range(b, 'full') for b in (2, 3, 4, 7)] == \
+        [(-2, 1), (-4, 3), (-8, 7), (-64, 63)]
+    # 8 bits: symmetric on both grids (the int8 graph negates codes; -(-128) > 127)
+    assert code_range(8, 'full') == code_range(8, 'symmetric') == (-127, 127)
     assert code_range(2, 'symmetric') == (-1, 1)
     with pytest.raises(ValueError, match=r"grid must be one of \['full', 'symmetric'\]"):
         code_range(4, 'asymmetric')
@@ -66,9 +68,9 @@ def test_extra_level_side_follows_the_channel():
         # mirrored weights mirror the sides
         ps2 = greedy_multipoint(-W, None, bits, 1, grid='full')
         assert torch.equal(ps2.scales[:, 0], -s) and torch.equal(ps2.codes[:, 0], q)
-    # 8 bits: int8 holds -128 but not +128, so the side is fixed and scales stay >= 0
+    # 8 bits: the symmetric grid, scales >= 0
     s8, q8 = rtn(W, 8, 'full')
-    assert (s8 > 0).all() and int(q8.min()) == -128 and int(q8.max()) <= 127
+    assert (s8 > 0).all() and int(q8.min()) == -127 and int(q8.max()) == 127
 
 
 def test_both_sides_are_searched():

@@ -7,8 +7,10 @@ Two grids (``GRIDS``) for ``bits`` = b, codes stored as int8:
 * ``'full'``: all 2**b codes of two's complement, {-2**(b-1), ..., 2**(b-1) - 1}
   (b = 2: -2..1). Scales are signed: a channel's values are scale * code, so the
   sign of the scale is the side of the extra level (a negative scale puts it on the
-  positive side). At 8 bits the side is fixed to the negative one (scales >= 0):
-  int8 holds -128 but not +128, and the int8 graph needs positive scales.
+  positive side). At 8 bits it is the symmetric grid: the int8 graph makes every
+  scale positive by negating codes (a negative scale, a negative BatchNorm factor),
+  and -(-128) does not fit in int8; below 8 bits the negated codes always do. One
+  level of 255 is not worth an inexact graph.
 """
 from __future__ import annotations
 
@@ -51,19 +53,20 @@ def check_grid(grid, name: str = 'grid') -> str:
     return grid
 
 
-def code_range(bits: int, grid: str = 'symmetric') -> tuple[int, int]:
-    """(lowest, highest) code of the b-bit ``grid``: (-Q, Q) or (-2**(b-1), 2**(b-1) - 1)."""
-    if check_grid(grid) == 'symmetric':
-        q = qmax(bits)
-        return -q, q
-    half = 2 ** (check_bits(bits) - 1)
-    return -half, half - 1
-
-
 def signed_scales(bits: int, grid: str = 'symmetric') -> bool:
-    """Whether a channel's scale may be negative (its side of the extra level): the
-    full grid below 8 bits."""
+    """Whether the grid is two's complement, with signed scales (each its side of the
+    extra level): the full grid below 8 bits."""
     return check_grid(grid) == 'full' and check_bits(bits) < MAX_BITS
+
+
+def code_range(bits: int, grid: str = 'symmetric') -> tuple[int, int]:
+    """(lowest, highest) code of the b-bit ``grid``: (-2**(b-1), 2**(b-1) - 1) where
+    ``signed_scales``, else (-Q, Q)."""
+    if signed_scales(bits, grid):
+        half = 2 ** (bits - 1)
+        return -half, half - 1
+    q = qmax(bits)
+    return -q, q
 
 
 def grid_extent(R: Tensor, bits: int, grid: str = 'symmetric',
@@ -71,17 +74,16 @@ def grid_extent(R: Tensor, bits: int, grid: str = 'symmetric',
     """(side (C,) of +-1, extent (C,)) of rows R (C, d): on that side, the scale
     side * extent / -lo (``code_range``) is the smallest that clips no entry.
 
-    Symmetric grid: side 1, extent max|r|. Full grid: extent = max(max(-side * r),
-    max(side * r) * -lo / hi). The side, unless given: the one with the smaller
-    extent, which puts the entry of largest |r| on the extra level -2**(b-1)
-    (side = -sign of that entry; 1 on ties, and always 1 at 8 bits)."""
-    if check_grid(grid) == 'symmetric':
+    Symmetric grid: side 1, extent max|r|. Two's complement (``signed_scales``):
+    extent = max(max(-side * r), max(side * r) * -lo / hi); the side, unless given,
+    the one with the smaller extent, which puts the entry of largest |r| on the extra
+    level -2**(b-1) (side = -sign of that entry; 1 on ties)."""
+    if not signed_scales(bits, grid):
         M = R.abs().amax(1)
         return torch.ones_like(M), M
     lo, hi = code_range(bits, grid)
     if side is None:
-        side = torch.where(R.amax(1) > -R.amin(1), -1.0, 1.0) \
-            if signed_scales(bits, grid) else torch.ones(R.shape[0])
+        side = torch.where(R.amax(1) > -R.amin(1), -1.0, 1.0)
     Rs = R * side[:, None]
     return side, torch.maximum(-Rs.amin(1), Rs.amax(1) * (-lo / hi))
 
@@ -93,19 +95,12 @@ def minmax_scale(R: Tensor, bits: int, grid: str = 'symmetric') -> Tensor:
     return side * extent / -code_range(bits, grid)[0]
 
 
-def refit_may_flip(bits: int, grid: str = 'symmetric') -> bool:
-    """Whether a least-squares refit may change a scale's sign: on the symmetric grid
-    (the codes are negated, ``positive_scales``) and where scales are signed; not at
-    8 bits on the full grid, whose side is fixed."""
-    return check_grid(grid) == 'symmetric' or signed_scales(bits, grid)
-
-
-def positive_scales(scales: Tensor, codes: Tensor, grid: str = 'symmetric'
+def positive_scales(scales: Tensor, codes: Tensor, bits: int, grid: str = 'symmetric'
                     ) -> tuple[Tensor, Tensor]:
-    """Symmetric grid: (|scales|, codes negated where a scale was negative), the same
-    values with scales >= 0; full grid: unchanged (signed scales). ``codes`` has the
-    scales' shape plus a last dimension."""
-    if check_grid(grid) != 'symmetric':
+    """Where scales are signed (``signed_scales``): unchanged; else (|scales|, codes
+    negated where a scale was negative), the same values with scales >= 0 (the grid
+    is symmetric). ``codes`` has the scales' shape plus a last dimension."""
+    if signed_scales(bits, grid):
         return scales, codes
     sign = torch.where(scales < 0, -1.0, 1.0)
     return scales.abs(), codes * sign[..., None].to(codes.dtype)

@@ -28,11 +28,10 @@ scales plus a per-channel side flag because the codes then always lie in one ran
 a negative refit (or a joint refit that flips a sign) is kept as it is, with the
 same codes; packing, validation and error feedback's rounding need one clamp per
 grid; and dequantization stays sum_i a_i q_i. The deployed int8 graph makes its
-scales positive by negating a row's codes (``mpq_det.deploy``). Each step picks the
-side from its residual: the entry of largest |r| goes to the extra level
-(``grid.grid_extent``), and the search runs on side * r with positive candidates.
-At 8 bits the side is fixed (int8 holds -128 but not +128): scales stay >= 0 and a
-refit that would flip a sign is not taken.
+scales positive by negating a row's codes (``mpq_det.deploy``), which stay within
+int8 below 8 bits; at 8 bits the full grid is the symmetric one (``grid``). Each
+step searches both sides on side * r with positive candidates and keeps the better
+(``greedy_step``).
 
 Everything is vectorized over channels. Points can be computed lazily: compute
 ``n_points`` for all channels, then ``extend_points`` for the few channels that the
@@ -48,7 +47,7 @@ from torch import Tensor
 
 from .grid import (check_bits, check_choice, check_grid, check_max_points,
                    check_positive_int, check_weight, code_range, grid_extent,
-                   positive_scales, refit_may_flip, signed_scales)
+                   positive_scales, signed_scales)
 from .feedback import Feedback
 from .hforms import HForm, IdentityH
 
@@ -349,7 +348,6 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
     lo, hi = code_range(bits, grid)
     Q = -lo                   # min-max scale = extent / Q
     C = R.shape[0]
-    flips = refit_may_flip(bits, grid)
     free = torch.ones(C, dtype=torch.bool)  # rows with the free scale search
     if pow2 is not None:
         step, jmax = pow2
@@ -382,7 +380,7 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
             fit = a
             err = rHr - 2 * a * b + a * a * c
             if refit:
-                ok = (c > 0) & free if flips else (c > 0) & free & (b > 0)
+                ok = (c > 0) & free
                 a_ls = b / torch.where(ok, c, ones)
                 err_ls = rHr - b * a_ls
                 use = ok & (err_ls < err)
@@ -427,7 +425,7 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
     ok_r = nz & (best_r > 0)
     inv = torch.where(ok_r, 1.0 / torch.where(ok_r, best_r, ones), torch.zeros_like(m))
     q = torch.round(R * (side * inv)[:, None]).clamp_(lo, hi)
-    scale, q = positive_scales(side * best_a, q, grid)
+    scale, q = positive_scales(side * best_a, q, bits, grid)
     R_new = R - scale[:, None] * q
     err_new = (H if measure is None else measure).quad(R_new, gidx)
     bad = ~(err_new <= err_prev) | ~nz
@@ -496,28 +494,26 @@ def joint_feedback(W: Tensor, scales: Tensor, fb: Feedback, bits: int,
     codes = fb.round(W, scales, bits, gidx, grid)                 # (n, k, d)
     if not refit:
         return scales, codes, M.quad(W - torch.einsum('nk,nkd->nd', scales, codes), gidx)
-    flips = refit_may_flip(bits, grid)
     if fixed_ratios and k > 1:
         s1 = scales[:, :1]
         nz = s1 != 0
         ratio = torch.where(nz, scales / torch.where(nz, s1, torch.ones_like(s1)),
                             torch.zeros_like(scales))
         u = torch.einsum('nk,nkd->nd', ratio, codes)[:, None]    # (n, 1, d)
-        a, u_signed, e = joint_feedback_refit(W, s1, u, M, gidx, MW, flips, grid)
+        a, u_signed, e = joint_feedback_refit(W, s1, u, M, gidx, MW, bits, grid)
         sign = torch.where((u_signed * u).sum(-1) < 0, -1.0, 1.0)  # (n, 1)
         return a * ratio, codes * sign[..., None], e
-    return joint_feedback_refit(W, scales, codes, M, gidx, MW, flips, grid)
+    return joint_feedback_refit(W, scales, codes, M, gidx, MW, bits, grid)
 
 
 def joint_feedback_refit(W: Tensor, scales: Tensor, codes: Tensor, M: HForm,
                          gidx: Tensor | None = None, MW: Tensor | None = None,
-                         flips: bool = True, grid: str = 'symmetric'
+                         bits: int = 4, grid: str = 'symmetric'
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """The refit of ``joint_feedback``: scales (n, k) refitted jointly by least
-    squares in M for the given codes (n, k, d), where that lowers the error and, if
-    not ``flips``, keeps the sign of every scale. The result goes through
-    ``grid.positive_scales``: scales >= 0 with negated codes on the symmetric grid,
-    signed on the full grid."""
+    squares in M for the given codes (n, k, d), where that lowers the error. The
+    result goes through ``grid.positive_scales``: scales >= 0 with negated codes on
+    the symmetric grid, signed on the full grid."""
     n, k = scales.shape
     d = codes.shape[2]
     g_rep = None if gidx is None else gidx.repeat_interleave(k)
@@ -540,8 +536,6 @@ def joint_feedback_refit(W: Tensor, scales: Tensor, codes: Tensor, M: HForm,
     delta = scales.double() - a_ls
     e_greedy = e_ls.double() + torch.einsum('nk,nkl,nl->n', delta, Gm, delta)
     use = ok & (e_ls.double() <= e_greedy) & torch.isfinite(e_ls)
-    if not flips:
-        use &= ((a_ls * scales.double() > 0) | (scales == 0)).all(-1)
     if not bool(use.all()):     # rows without a valid refit: their own error
         bad = ~use
         g = gidx
@@ -551,7 +545,7 @@ def joint_feedback_refit(W: Tensor, scales: Tensor, codes: Tensor, M: HForm,
         e_ls[bad] = M.quad(W[bad] - torch.einsum('nk,nkd->nd', scales[bad], codes[bad]),
                            None if g is None else g[bad])
     a = torch.where(use[:, None], a_ls.float(), scales)
-    a, codes = positive_scales(a, codes, grid)
+    a, codes = positive_scales(a, codes, bits, grid)
     return a, codes, e_ls
 
 
