@@ -29,7 +29,7 @@ def tiny(tiny_data, tmp_path_factory):
     wd = tmp_path_factory.mktemp('deploy')
     cfg = tiny_cfg('configs/detectors/retinanet_r18q_synth_voc.py', tiny_data, str(wd / 'w'))
     cfg.model.test_cfg.score_thr = 0.0
-    cfg.custom_hooks = [dict(type='MultipointQuantHook', calib=CALIB, act_bits=8)]
+    cfg.custom_hooks = [dict(type='MultipointQuantHook', calib=CALIB, activations=dict(bits=8))]
     cfg_path = str(wd / 'cfg.py')
     cfg.dump(cfg_path)
     src = str(wd / 'float.pth')

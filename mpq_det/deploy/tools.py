@@ -161,7 +161,7 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
     from mmengine.registry import init_default_scope
     from mmdet.registry import MODELS
 
-    from ..hook import MultipointQuantHook
+    from ..quantizer import MultipointQuantizer
     from ..model_pass import summarize
     os.makedirs(out_dir, exist_ok=True)
     cfg = Config.fromfile(osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs',
@@ -184,12 +184,12 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
     def quantized(**kw) -> torch.nn.Module:
         # the hook's own defaults (budget_on, error feedback, ...), as tools/test.py runs it
         model = copy.deepcopy(fp_model)
-        hook = MultipointQuantHook(bits=bits, budget=budget, act_bits=8, report=False,
-                                   calib=dict(seed=seed), **kw)
-        result, plans, _ = hook.quantize(model, calibrate, f'{len(batches)} random images')
+        q = MultipointQuantizer(bits=bits, budget=budget, activations=dict(bits=8),
+                                calib=dict(seed=seed), **kw)
+        result, plans, _ = q.quantize(model, calibrate, f'{len(batches)} random images')
         sm = summarize(result, model, plans)
-        log(f'RetinaNet-R50 W{bits}A8 (budget {budget}, budget_on={hook.budget_on}, '
-            f'error_feedback={hook.error_feedback}, point_scales={hook.point_scales}): '
+        log(f'RetinaNet-R50 W{bits}A8 (budget {budget}, points={q.points}, '
+            f'feedback={q.feedback}): '
             f'extra points add memory {sm["memory_overhead"]:.1%}, MACs '
             f'{sm["compute_overhead"]:.1%} (at the calibration size)')
         return model
@@ -201,7 +201,7 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
     for kind, m, kw in (('int8', model, {}),
                         ('int8_float_outputs', model, dict(int8_outputs=False)),
                         ('int8_one_point', model, dict(first_point_only=True)),
-                        ('int8_pow2', quantized(point_scales='pow2'), {})):
+                        ('int8_pow2', quantized(points=dict(scales='pow2')), {})):
         proto, _ = build_int8_onnx(m, batches[0], batches, **kw)
         write_bytes_atomic(proto.SerializeToString(), paths[kind])
     # the peer row: onnxruntime's own W8A8 of the float model, same calibration images
