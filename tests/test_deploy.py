@@ -64,9 +64,10 @@ def random_bn(model: nn.Module, g: torch.Generator) -> None:
 
 
 def quantize(model: nn.Module, batches: list, bits: int = 4, max_points: int = 1,
-             seed: int = 0, skip=(), pow2: bool = False) -> nn.Module:
+             seed: int = 0, skip=(), pow2: bool = False, grid: str = 'symmetric'
+             ) -> nn.Module:
     """W{bits}A8: each conv's points from greedy_multipoint (1..max_points per channel,
-    random counts), its input range from the float model on ``batches``."""
+    random counts) on ``grid``, its input range from the float model on ``batches``."""
     ranges = {}
 
     def rec(name):
@@ -86,7 +87,7 @@ def quantize(model: nn.Module, batches: list, bits: int = 4, max_points: int = 1
     g = gen(seed)
     for name, m in convs:
         W = m.weight.detach().reshape(m.out_channels, -1)
-        ps = greedy_multipoint(W, None, bits, max_points, pow2=pow2)
+        ps = greedy_multipoint(W, None, bits, max_points, pow2=pow2, grid=grid)
         n = torch.randint(1, max_points + 1, (m.out_channels,), generator=g)
         q = QConv2d.from_float(m, select_points(ps, n), act_bits=8)
         q.set_act_range(*ranges[name])
@@ -100,12 +101,12 @@ def images(n: int, seed: int, size=(40, 48)) -> list:
 
 
 def toy(max_points: int, residual: bool = True, seed: int = 0, skip=(),
-        pow2: bool = False) -> nn.Module:
+        pow2: bool = False, bits: int = 4, grid: str = 'symmetric') -> nn.Module:
     torch.manual_seed(seed)
     model = Toy(residual).eval()
     random_bn(model, gen(seed + 1))
-    return quantize(model, images(4, seed + 2), max_points=max_points, seed=seed,
-                    skip=skip, pow2=pow2)
+    return quantize(model, images(4, seed + 2), bits=bits, max_points=max_points,
+                    seed=seed, skip=skip, pow2=pow2, grid=grid)
 
 
 def conv_nodes(model, exclude=(), only=None) -> int:
@@ -278,18 +279,23 @@ def test_a_plain_chain_rounds_where_pytorch_does(tmp_path):
 
 def weight_codes(g, conv, stored: bool = False):
     """The int8 codes of a Conv node's weight: DequantizeLinear of an int8
-    initializer, or of the Cast of an INT4 one (``stored``: 'INT4' or 'INT8')."""
+    initializer, or of the Cast of an INT4 one, possibly times a per-row sign
+    (``stored``: 'INT4' or 'INT8')."""
     from onnx import TensorProto, numpy_helper
     inits = {t.name: t for t in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
     src = producers[conv.input[1]].input[0]
+    sign = 1
+    if src in producers and producers[src].op_type == 'Mul':
+        src, sign_name = producers[src].input
+        sign = numpy_helper.to_array(inits[sign_name]).astype(np.int16)
     if src in producers:
         cast = producers[src]
         assert cast.op_type == 'Cast' and cast.attribute[0].i == TensorProto.INT8
         src = cast.input[0]
     if stored:
         return TensorProto.DataType.Name(inits[src].data_type)
-    return numpy_helper.to_array(inits[src]).astype(np.int8)
+    return (numpy_helper.to_array(inits[src]).astype(np.int16) * sign).astype(np.int8)
 
 
 @pytest.mark.parametrize('bits', [4, 8])

@@ -11,8 +11,10 @@ How it is built (``Int8Builder``; each step's details are in its module):
    dequantized weight, BatchNorm kept) is exported by torch.onnx; its Conv nodes keep
    the parameter names, so each maps back to its layer (``graph``).
 2. A BatchNormalization that is a Conv's only consumer is folded: into the per-row
-   weight scales of a quantized conv (a negative factor flips the codes' sign, exact
-   on the symmetric grid), into the weights of a float conv (``graph``).
+   weight scales of a quantized conv (a negative factor, like a negative scale of
+   the full grid, flips the codes' sign: within int8 on both grids, since the full
+   grid is two's complement below 8 bits only; ``storage``), into the weights of a
+   float conv (``graph``).
 3. A quantized conv becomes ``DQ(Q(x)) -> Conv(DQ(int8 codes), bias)``; the input
    QuantizeLinear has the layer's own activation scale and zero point (``requant``).
 4. Each conv output is requantized: by the next quantized conv's input quantizer where

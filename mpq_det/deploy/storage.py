@@ -4,7 +4,11 @@ file.
 - Weights are the b-bit codes with per-row scales. Codes in [-8, 7] (W2-W4) are INT4
   initializers (two per byte, opset 21) read through a Cast to int8, which
   onnxruntime folds when it loads the graph, so its DQ -> Conv -> Q fusion is
-  unchanged; wider codes are int8 initializers. Weight DequantizeLinears have no
+  unchanged; wider codes are int8 initializers. Scales in the graph are positive: a
+  row with a negative scale (the full grid's signed scales) or BatchNorm factor has
+  its codes negated. On the full grid that can take a W4 row to [-7, 8], outside
+  INT4: such rows are stored as they were (in [-8, 7]) and negated by a Mul with a
+  per-row sign after the Cast, folded at load like the Cast. Weight DequantizeLinears have no
   zero-point input (0 by default). Equal weights are stored once (a head shared by
   the pyramid levels is one Conv node per level).
 - Biases are floats holding the values on the int32 grid x_scale * w_scale:
@@ -56,25 +60,32 @@ class WeightStore:
         G = self.G
         R = codes.shape[0]
         mrow = np.where(chan >= 0, mult[np.maximum(chan, 0)], 1.0)
-        codes = codes.astype(np.int16) * np.where(mrow < 0, -1, 1)[:, None]
-        w_scales = (scales * np.abs(mrow)).astype(np.float32)
-        codes[w_scales < 0] *= -1
+        w_scales = (scales * mrow).astype(np.float32)
+        sign = np.where(w_scales < 0, -1, 1).astype(np.int8)
         w_scales = np.abs(w_scales)
+        stored = codes.astype(np.int16)
         zero = w_scales == 0  # a zero BN factor (zero_init_residual) or scale: a zero row
-        codes[zero] = 0
+        stored[zero] = 0
         w_scales[zero] = 1.0
-        codes = codes.astype(np.int8).reshape(R, -1, *kernel)
+        codes = (stored * sign[:, None]).astype(np.int8).reshape(R, -1, *kernel)
         bias = bias.astype(np.float32)
         key = hashlib.sha1(codes.tobytes() + w_scales.tobytes() + bias.tobytes() +
                            str(codes.shape).encode()).hexdigest()
         if key not in self._seen:
             w = G.init('w_int8', codes)
-            if self.int4 and codes.min() >= -8 and codes.max() <= 7:
+            if self.int4 and (codes.min() >= -8 and codes.max() <= 7 or
+                              stored.min() >= -8 and stored.max() <= 7):
                 # 4-bit codes stored as INT4 (two per byte) and cast to int8 once:
-                # onnxruntime folds the Cast at load, then fuses DQ -> Conv -> Q
+                # onnxruntime folds the Cast (and the sign's Mul) at load, then fuses
+                # DQ -> Conv -> Q
                 from onnx import TensorProto
-                w = G.node('Cast', [init_int4(G, 'w_int4', codes)], to=TensorProto.INT8
+                fits = codes.min() >= -8 and codes.max() <= 7
+                w4 = codes if fits else stored.astype(np.int8).reshape(codes.shape)
+                w = G.node('Cast', [init_int4(G, 'w_int4', w4)], to=TensorProto.INT8
                            ).output[0]
+                if not fits:
+                    w = G.node('Mul', [w, G.init('w_sign', sign.reshape(
+                        R, *[1] * (codes.ndim - 1)))]).output[0]
             # no zero point inputs (optional, 0 by default): 1 byte per row less
             wdq = G.node('DequantizeLinear', [w, G.init('w_scale', w_scales)],
                          axis=0).output[0]
