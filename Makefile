@@ -22,8 +22,10 @@ checkpoints: data $(DETECTORS:%=data/checkpoints/%.pth)
 demo: data data/checkpoints/$(DEMO).pth
 	$(PY) tools/demo.py --detector $(DEMO)
 
+# two workers: the tests run one torch thread each, so one worker leaves a core idle;
+# a test file stays on one worker (its module fixtures, e.g. cached runs, are shared)
 test: setup
-	$(PY) -m pytest -q tests -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile tests -m "not slow"
 
 test-all: setup
 	$(PY) -m pytest -q tests

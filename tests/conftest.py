@@ -11,6 +11,19 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: longer tests, excluded from `make test`')
+    # warnings of the libraries we build on, about their own internals, would bury ours
+    for f in ('ignore::UserWarning:mmengine', 'ignore::DeprecationWarning:mmengine',
+              'ignore::UserWarning:mmdet', 'ignore::DeprecationWarning:mmdet',
+              'ignore::UserWarning:mmcv', 'ignore::FutureWarning:mmcv',
+              'ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning',
+              'ignore:The feature will be removed:DeprecationWarning',
+              'ignore:Detected pickle protocol:UserWarning',
+              # the int8 graph asks for opset 21 (INT4) and keeps BatchNorm nodes
+              # (PRESERVE) for its own folding, on purpose; tracing notes on mmdet's code
+              'ignore:Exporting to ONNX opset version 21',
+              'ignore:.*constant folding be turned off:UserWarning',
+              'ignore::torch.jit.TracerWarning'):
+        config.addinivalue_line('filterwarnings', f)
     # one thread: on 2 shared cores, two threads slow the small test models down a lot
     torch.set_num_threads(1)
 
@@ -27,10 +40,16 @@ def tiny_data(tmp_path_factory) -> str:
 @pytest.fixture(scope='session')
 def synth_data() -> str:
     """The README's synthetic dataset in data/synth, generated when missing (as
-    `make data` does), so that its time counts in the suite's."""
+    `make data` does), so that its time counts in the suite's. Under pytest-xdist one
+    worker writes it while the others wait on the lock."""
+    import fcntl
+    import os
     from mpq_det.datasets.synth import ensure_synth_dataset
     out = osp.join(ROOT, 'data', 'synth')
-    ensure_synth_dataset(out, log=lambda *a: None)
+    os.makedirs(osp.dirname(out), exist_ok=True)
+    with open(osp.join(ROOT, 'data', '.synth.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_synth_dataset(out, log=lambda *a: None)
     return out
 
 

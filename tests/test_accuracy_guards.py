@@ -40,6 +40,10 @@ RUNS = {
     # W4A8, exported (the int8 ONNX guard deploys the export; RetinaNet only)
     'mp_w4a8': dict(bits=4, budget=0.05, activations=dict(bits=8)),
 }
+# the runs of each detector: Faster R-CNN is guarded at W4 and W3 only (its three W2
+# runs took a fifth of the default suite); the W4A8 export is deployed for RetinaNet
+RUNS_OF = {'retinanet_r18q': list(RUNS),
+           'faster_rcnn_r18q': ['fp', 'mp_w4', 'mp_w3', 'rtn_w3']}
 # Measured on this subset (VOC, COCO; x100), 2026-11-30, by this file with -s, with the
 # defaults of the accuracy-levers merge (error feedback, memory and compute bounds):
 MEASURED = {
@@ -55,10 +59,9 @@ W4_MAX_LOSS = {'retinanet_r18q': (1.5, 1.5), 'faster_rcnn_r18q': (1.5, 1.5)}
 # The gains below must be at least about half of what was measured.
 # W3 multipoint over rtn: measured +13.3/+12.6 (RetinaNet), +7.0/+11.4 (Faster R-CNN).
 W3_MIN_GAIN = {'retinanet_r18q': (5.0, 5.0), 'faster_rcnn_r18q': (3.0, 5.0)}
-# W2, (COCO, VOC) pairs: budget 0.1 over budget 0 (measured +3.5/+4.1 and +8.5/+7.1),
-# and budget 0 over rtn (measured +24.1/+40.1 and +37.6/+55.3).
-W2_MIN_GAIN = {'retinanet_r18q': dict(points=(1.75, 2.0), metric=(9.0, 15.0)),
-               'faster_rcnn_r18q': dict(points=(4.0, 3.5), metric=(15.0, 25.0))}
+# W2 (RetinaNet), (COCO, VOC) pairs: budget 0.1 over budget 0 (measured +3.5/+4.1),
+# and budget 0 over rtn (measured +24.1/+40.1).
+W2_MIN_GAIN = {'retinanet_r18q': dict(points=(1.75, 2.0), metric=(9.0, 15.0))}
 BOTH = [dict(type='CocoMetric', metric='bbox', format_only=False),
         dict(type='NamedVOCMetric', metric='mAP', eval_mode='11points')]
 _cache: dict = {}
@@ -123,8 +126,9 @@ def S(synth_data, tmp_path_factory):
 
 @pytest.mark.parametrize('det', DETECTORS)
 def test_runs_use_the_pinned_bits_and_budget(S, det):
-    for run, over in RUNS.items():
-        if over is None or (over.get('activations') and det != 'retinanet_r18q'):
+    for run in RUNS_OF[det]:
+        over = RUNS[run]
+        if over is None:
             continue
         rep = S(det, run)['report']
         assert {r['bits'] for r in rep['layers']} == {over['bits']}, run
@@ -155,7 +159,7 @@ def test_w3_beats_rtn(S, det):
     assert mp['voc'] - rtn['voc'] >= lim[0] and mp['coco'] - rtn['coco'] >= lim[1]
 
 
-@pytest.mark.parametrize('det', DETECTORS)
+@pytest.mark.parametrize('det', [d for d in DETECTORS if 'rtn_w2' in RUNS_OF[d]])
 def test_w2_points_beat_one_point_beats_rtn(S, det):
     b10, b0, rtn = S(det, 'mp_w2_b10'), S(det, 'mp_w2_b0'), S(det, 'rtn_w2')
     lim = W2_MIN_GAIN[det]

@@ -69,9 +69,33 @@ def rel_err(model, ref, inputs) -> float:
 
 
 @pytest.fixture(scope='module')
-def fp_raw(base_cfg, inputs, tmp_path_factory):
-    _, model, _ = run(base_cfg, tmp_path_factory.mktemp('fp'))
-    return raw_outputs(model, *inputs)
+def fp_model(base_cfg):
+    """The trained RetinaNet in floating point, loaded once; the tests quantize copies."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import load_checkpoint
+    init_default_scope('mmdet')
+    model = MODELS.build(base_cfg.model)
+    load_checkpoint(model, CKPT, map_location='cpu', logger='silent')
+    return model.eval()
+
+
+@pytest.fixture(scope='module')
+def fp_raw(fp_model, inputs):
+    return raw_outputs(fp_model, *inputs)
+
+
+def quant(base_cfg, fp_model, tmp_path, name='q', **hook):
+    """What the hook does in tools/test.py's ``before_test``, on a copy of the float
+    model, without the test loop (the tests that need a Runner use ``run``); returns
+    the quantized model and the hook's report (its layers and summary)."""
+    from types import SimpleNamespace
+    from mmengine.registry import HOOKS
+    m = copy.deepcopy(fp_model)
+    h = HOOKS.build(dict(type='MultipointQuantHook', calib=CALIB, report=False, **hook))
+    h.before_test(SimpleNamespace(model=m, cfg=base_cfg, work_dir=str(tmp_path / name),
+                                  _train_loop=None))
+    return m, dict(layers=h.result.layers, summary=h.result.summary)
 
 
 def test_activations(base_cfg, inputs, fp_raw, tmp_path):
@@ -94,11 +118,11 @@ def test_activations(base_cfg, inputs, fp_raw, tmp_path):
     assert errs[4] > 2 * errs[8]     # and fewer bits cost more
 
 
-def test_layer_bits_and_budget_counted_in_bits(base_cfg, tmp_path):
+def test_layer_bits_and_budget_counted_in_bits(base_cfg, fp_model, tmp_path):
     lb = {'backbone.conv1': 8, 'backbone.layer1.*': 4, 'bbox_head.retina_cls': 8,
           'bbox_head.retina_reg': 6}
     budget = 0.1
-    _, m, rep = run(base_cfg, tmp_path, bits=3, budget=budget, layer_bits=lb)
+    m, rep = quant(base_cfg, fp_model, tmp_path, bits=3, budget=budget, layer_bits=lb)
     q = qlayers(m)
     want = {n: next((b for g, b in lb.items() if fnmatch.fnmatchcase(n, g)), 3) for n in q}
     assert {n: l.bits for n, l in q.items()} == want
@@ -115,8 +139,8 @@ def test_layer_bits_and_budget_counted_in_bits(base_cfg, tmp_path):
     assert s['bits_per_weight'] == pytest.approx(bpw, rel=1e-9)
 
 
-def test_component_with_its_own_budget(base_cfg, tmp_path):
-    _, _, rep = run(base_cfg, tmp_path, bits=3, budget=0.02,
+def test_component_with_its_own_budget(base_cfg, fp_model, tmp_path):
+    _, rep = quant(base_cfg, fp_model, tmp_path, bits=3, budget=0.02,
                     components={'head': dict(budget=0.3)})
     head = [r for r in rep['layers'] if r['component'] == 'head']
     rest = [r for r in rep['layers'] if r['component'] != 'head']
@@ -125,35 +149,35 @@ def test_component_with_its_own_budget(base_cfg, tmp_path):
     assert 0.01 < overhead_in_bits(rest) <= 0.02 + 1e-9
 
 
-def test_allocation_layer(base_cfg, tmp_path):
+def test_allocation_layer(base_cfg, fp_model, tmp_path):
     """The paper's rule: floor(budget * C_out) extra points in every layer."""
     budget = 0.1
-    _, m, rep = run(base_cfg, tmp_path, 'layer', bits=3, budget=budget, allocation='layer')
+    m, rep = quant(base_cfg, fp_model, tmp_path, 'layer', bits=3, budget=budget, allocation='layer')
     extra = {r['name']: round(r['points_mean'] * r['shape'][0]) - r['shape'][0]
              for r in rep['layers']}
     want = {r['name']: int(budget * r['shape'][0] + 1e-9) for r in rep['layers']}
     assert extra == want
     assert {n: int(l.npoints.sum()) - l.npoints.numel() for n, l in qlayers(m).items()} == want
-    _, _, rep_g = run(base_cfg, tmp_path, 'global', bits=3, budget=budget, allocation='global')
+    _, rep_g = quant(base_cfg, fp_model, tmp_path, 'global', bits=3, budget=budget, allocation='global')
     extra_g = {r['name']: round(r['points_mean'] * r['shape'][0]) - r['shape'][0]
                for r in rep_g['layers']}
     assert extra_g != want      # the global pool spends it elsewhere
 
 
 @pytest.mark.parametrize('max_points', [1, 2, 3])
-def test_max_points(base_cfg, tmp_path, max_points):
+def test_max_points(base_cfg, fp_model, tmp_path, max_points):
     # a budget far above what max_points allows: the cap is what binds
-    _, m, rep = run(base_cfg, tmp_path, bits=2, budget=1.0, max_points=max_points)
+    m, rep = quant(base_cfg, fp_model, tmp_path, bits=2, budget=1.0, max_points=max_points)
     most = max(int(l.npoints.max()) for l in qlayers(m).values())
     assert most == max_points
     assert max(r['points_max'] for r in rep['layers']) == max_points
 
 
-def test_every_h_form(base_cfg, inputs, fp_raw, tmp_path):
+def test_every_h_form(base_cfg, fp_model, inputs, fp_raw, tmp_path):
     """Each form runs end to end and is the one used: the codes depend on it."""
     codes, errs = {}, {}
     for form in FORMS:
-        _, m, rep = run(base_cfg, tmp_path, form, bits=3, budget=0.05,
+        m, rep = quant(base_cfg, fp_model, tmp_path, form, bits=3, budget=0.05,
                         stats=dict(form=form))
         assert rep['summary']['settings']['stats']['form'] == form
         codes[form] = torch.cat([l.codes.flatten() for l in qlayers(m).values()])
@@ -167,9 +191,9 @@ def test_every_h_form(base_cfg, inputs, fp_raw, tmp_path):
                 assert not torch.equal(codes[a], codes[b]), (a, b)
 
 
-def test_method_mse(base_cfg, tmp_path):
+def test_method_mse(base_cfg, fp_model, tmp_path):
     """mse: one point per channel, its scale clipped below min-max on some channels."""
-    _, m, rep = run(base_cfg, tmp_path, method='mse', bits=3, budget=0.05)
+    m, rep = quant(base_cfg, fp_model, tmp_path, method='mse', bits=3, budget=0.05)
     sd = torch.load(CKPT, map_location='cpu', weights_only=True)['state_dict']
     clipped = total = 0
     for name, l in qlayers(m).items():
@@ -205,11 +229,11 @@ def test_method_ocs_export_reload_to_float(base_cfg, inputs, tmp_path):
     assert diffs['float'] <= 1e-5
 
 
-def test_points_rank_by(base_cfg, tmp_path):
+def test_points_rank_by(base_cfg, fp_model, tmp_path):
     """The ablation's placements spend the same budget on other channels."""
     npoints, mem = {}, {}
     for by in ('output', 'weight', 'random'):
-        _, m, rep = run(base_cfg, tmp_path, by, bits=3, budget=0.05,
+        m, rep = quant(base_cfg, fp_model, tmp_path, by, bits=3, budget=0.05,
                         points=dict(rank_by=by))
         assert rep['summary']['settings']['points']['rank_by'] == by
         npoints[by] = torch.cat([l.npoints for l in qlayers(m).values()])
@@ -220,13 +244,13 @@ def test_points_rank_by(base_cfg, tmp_path):
     assert not torch.equal(npoints['output'], npoints['weight'])
 
 
-def test_sequential(base_cfg, tmp_path):
+def test_sequential(base_cfg, fp_model, tmp_path):
     """Sequential statistics: the allocation is made once on FP statistics (the
     same point counts as without), the first stage is quantized from those, and
     every later stage from its own pass on the partly quantized model."""
     models, reps = {}, {}
     for seq in (False, True):
-        _, models[seq], reps[seq] = run(base_cfg, tmp_path, f'seq_{seq}', bits=3,
+        models[seq], reps[seq] = quant(base_cfg, fp_model, tmp_path, f'seq_{seq}', bits=3,
                                         budget=0.05, stats=dict(sequential=seq))
     summ = reps[True]['summary']
     assert summ['settings']['stats']['sequential'] is True
@@ -244,15 +268,15 @@ def test_sequential(base_cfg, tmp_path):
     for k in ('memory_overhead', 'compute_overhead'):
         assert summ[k] <= 0.05 + 1e-6
     with pytest.raises(ValueError, match='stats.sequential'):
-        run(base_cfg, tmp_path, 'seq_bad', stats=dict(sequential='blocks'))
+        quant(base_cfg, fp_model, tmp_path, 'seq_bad', stats=dict(sequential='blocks'))
 
 
-def test_point_scales_pow2(base_cfg, tmp_path):
+def test_point_scales_pow2(base_cfg, fp_model, tmp_path):
     """points.scales='pow2': every extra point is a power-of-two fraction of its
     channel's previous one, so the points merge into int8 rows (deployment runs them
     at no extra compute); the budget is kept as with free scales."""
     from mpq_det.deploy.qdq import merged_points
-    _, m, rep = run(base_cfg, tmp_path, 'pow2', bits=3, budget=0.05,
+    m, rep = quant(base_cfg, fp_model, tmp_path, 'pow2', bits=3, budget=0.05,
                         points=dict(scales='pow2'))
     assert rep['summary']['settings']['points']['scales'] == 'pow2'
     extra = merged = 0
@@ -263,7 +287,7 @@ def test_point_scales_pow2(base_cfg, tmp_path):
     for k in ('memory_overhead', 'compute_overhead'):
         assert rep['summary'][k] <= 0.05 + 1e-6
     with pytest.raises(ValueError, match='points.scales'):
-        run(base_cfg, tmp_path, 'pow2_bad', points=dict(scales='int8'))
+        quant(base_cfg, fp_model, tmp_path, 'pow2_bad', points=dict(scales='int8'))
 
 
 # Each lever flipped from its default, as a user would write it in the config. A hook
@@ -285,31 +309,7 @@ LEVER_FLIPS = {
     'max_points': dict(max_points=2),
     'activations': dict(activations=dict(bits=8)),
 }
-LEVER_RUN = dict(bits=2, budget=0.1, report=False)
-
-
-@pytest.fixture(scope='module')
-def lever_model(base_cfg):
-    """The float RetinaNet, loaded once; each flip quantizes a copy of it."""
-    from mmdet.registry import MODELS
-    from mmengine.registry import init_default_scope
-    from mmengine.runner import load_checkpoint
-    init_default_scope('mmdet')
-    model = MODELS.build(base_cfg.model)
-    load_checkpoint(model, CKPT, map_location='cpu', logger='silent')
-    return model.eval()
-
-
-def quantize_copy(base_cfg, model, tmp_path, **hook):
-    """The hook's before_test on a copy of ``model`` (no test loop: only the quantized
-    layers are compared); returns (model, hook)."""
-    from types import SimpleNamespace
-    from mmengine.registry import HOOKS
-    m = copy.deepcopy(model)
-    h = HOOKS.build(dict(type='MultipointQuantHook', calib=CALIB, **LEVER_RUN, **hook))
-    h.before_test(SimpleNamespace(model=m, cfg=base_cfg, work_dir=str(tmp_path),
-                                  _train_loop=None))
-    return m, h
+LEVER_RUN = dict(bits=2, budget=0.1)
 
 
 def layer_state(model) -> dict:
@@ -330,36 +330,37 @@ def same_layers(a: dict, b: dict) -> bool:
 
 
 @pytest.fixture(scope='module')
-def lever_default(base_cfg, lever_model, tmp_path_factory):
-    m, h = quantize_copy(base_cfg, lever_model, tmp_path_factory.mktemp('lever_default'))
-    return layer_state(m), h
+def lever_default(base_cfg, fp_model, tmp_path_factory):
+    m, rep = quant(base_cfg, fp_model, tmp_path_factory.mktemp('lever_default'), **LEVER_RUN)
+    return layer_state(m), rep
 
 
-def test_the_defaults_run_twice_alike(base_cfg, lever_model, lever_default, tmp_path):
+def test_the_defaults_run_twice_alike(base_cfg, fp_model, lever_default, tmp_path):
     """Without this, a flip could differ from the default by chance alone."""
-    m, _ = quantize_copy(base_cfg, lever_model, tmp_path)
+    m, _ = quant(base_cfg, fp_model, tmp_path, **LEVER_RUN)
     assert same_layers(layer_state(m), lever_default[0])
 
 
 @pytest.mark.parametrize('lever', list(LEVER_FLIPS))
-def test_every_lever_reaches_the_quantized_layers(base_cfg, lever_model, lever_default,
+def test_every_lever_reaches_the_quantized_layers(base_cfg, fp_model, lever_default,
                                                   tmp_path, lever):
-    m, h = quantize_copy(base_cfg, lever_model, tmp_path, **LEVER_FLIPS[lever])
+    m, rep = quant(base_cfg, fp_model, tmp_path, **LEVER_RUN, **LEVER_FLIPS[lever])
     group, _, key = lever.partition('.')
     # the settings the export stores say what was asked ...
     flip = LEVER_FLIPS[lever][group]
-    stored = h.settings()[group] if group in h.settings() else h.settings()['base'][group]
+    settings = rep['summary']['settings']
+    stored = settings[group] if group in settings else settings['base'][group]
     assert stored == flip or (key and stored[key] == flip[key]), (lever, stored)
     # ... and the layers show it
     assert not same_layers(layer_state(m), lever_default[0]), lever
 
 
-def test_error_feedback_lowers_the_output_error(base_cfg, lever_model, lever_default,
+def test_error_feedback_lowers_the_output_error(base_cfg, fp_model, lever_default,
                                                 tmp_path):
     """The lever that pays most, guarded by its effect as well: the report's output
     error after all points, summed over layers, is lower with feedback than without."""
-    _, h_off = quantize_copy(base_cfg, lever_model, tmp_path, feedback=None)
-    err = {k: sum(r['rel_err_final'] for r in h.result.layers if r['rel_err_final'])
-           for k, h in (('on', lever_default[1]), ('off', h_off))}
+    _, rep_off = quant(base_cfg, fp_model, tmp_path, **LEVER_RUN, feedback=None)
+    err = {k: sum(r['rel_err_final'] for r in rep['layers'] if r['rel_err_final'])
+           for k, rep in (('on', lever_default[1]), ('off', rep_off))}
     print(f'summed relative output error at W2 b0.1: {err}')
     assert err['on'] < 0.9 * err['off'], err

@@ -13,7 +13,7 @@ PY="$VENV/bin/python"
 MMCV_VERSION=2.1.0
 
 # mmdet itself imports mmcv, so the base check only locates it.
-BASE_CHECK="import importlib.util as u, torch, torchvision, mmengine, pycocotools, numpy, matplotlib, onnx, onnxruntime, optimum.quanto; assert numpy.__version__ < '2'; assert u.find_spec('mmdet')"
+BASE_CHECK="import importlib.util as u, torch, torchvision, mmengine, pycocotools, numpy, matplotlib, onnx, onnxruntime, optimum.quanto, xdist; assert numpy.__version__ < '2'; assert u.find_spec('mmdet')"
 # pip on these machines warns about every absent local index; keep the log readable.
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # pip on these machines lists every absent local index location; drop those lines
@@ -36,7 +36,7 @@ if [ ! -f "$VENV/.mpq_base_ok" ] || ! "$PY" -c "$BASE_CHECK" 2>/dev/null; then
   pip_ install -q --upgrade "pip<26" "setuptools<70" wheel || fail base "pip/setuptools upgrade"
   pip_ install -q torch==2.14.1 torchvision==0.29.1 "numpy<2" || fail base "torch install"
   pip_ install -q "numpy<2" mmengine==0.10.7 mmdet==3.3.0 pycocotools "opencv-python-headless<4.11" \
-      pytest ninja "optimum-quanto==0.2.7" onnx onnxruntime matplotlib || fail base "mmengine/mmdet install"
+      pytest pytest-xdist ninja "optimum-quanto==0.2.7" onnx onnxruntime matplotlib || fail base "mmengine/mmdet install"
   "$PY" -c "$BASE_CHECK" \
       || fail base "imports after install"
   touch "$VENV/.mpq_base_ok"
