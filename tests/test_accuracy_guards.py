@@ -1,6 +1,6 @@
-"""Accuracy regression guards on the committed trained detectors (issue 8, item 3).
+"""Accuracy regression guards on the committed trained detectors.
 
-These are guards, not the accuracy targets (those live in benchmarks and the README
+These are guards, not the accuracy targets (those live in benchmarks and docs/results.md
 tables): they fail when quantization silently stops doing its job, e.g. turns into a
 no-op, never gives extra points, or uses other bits than asked. Each detector runs
 through mmdet's ``Runner.test()`` with the hook, on the first ``NUM_IMAGES`` images of
@@ -171,7 +171,7 @@ def test_w2_points_beat_one_point_beats_rtn(S, det):
 
 # int8 ONNX of the W4A8 export (tools/deploy.py's defaults) against its PyTorch model:
 # measured -0.34 VOC / -0.30 COCO on this subset (50.24 / 34.10 against 50.58 / 34.40),
-# +0.05 / -0.1 on the 500 test images (README). A broken graph (a wrong scale or
+# +0.05 / -0.1 on the 500 test images (docs/deploy.md). A broken graph (a wrong scale or
 # layout) loses many points.
 INT8_MAX_GAP = (1.0, 1.0)
 

@@ -1,4 +1,4 @@
-"""The model pass on mmdet's own packaged detectors (issue 4, item 10).
+"""The model pass on mmdet's own packaged detectors.
 
 No dataset and no downloads: each detector is built from the config mmdet ships in
 ``mmdet/.mim/configs``, randomly initialised, calibrated on two random images and

@@ -1,4 +1,4 @@
-"""tools/benchmark.py's pieces: quanto's bit count, resume, outputs (issue 10)."""
+"""tools/benchmark.py's pieces: quanto's bit count, resume, outputs."""
 import json
 import os.path as osp
 

@@ -1,4 +1,4 @@
-"""Calibration data (issue 8, item 4): which dataset, split, images and pipeline.
+"""Calibration data: which dataset, split, images and pipeline.
 
 The calibration images must come from the configured split of the detector's own
 dataset (the train split by default, never the images that are scored), through the

@@ -42,7 +42,7 @@ def tiny(tiny_data, tmp_path_factory):
 # Relative L2 of the raw outputs. A random-init detector has no redundancy, and its
 # tiny regression outputs (init std 0.01) sit on 8-bit-rounded features: measured
 # 0.12 here (a zero BN factor left unzeroed gave 7.5). The trained detectors measure
-# 0.04-0.09 (tools/deploy.py) and their mAP is what counts (README).
+# 0.04-0.09 (tools/deploy.py) and their mAP is what counts (docs/deploy.md).
 TOOL_TOL = 0.3
 
 

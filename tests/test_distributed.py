@@ -1,4 +1,4 @@
-"""MultipointQuantHook under tools/dist_test.sh: 2 processes, gloo, CPU (issue 4, item 8).
+"""MultipointQuantHook under tools/dist_test.sh: 2 processes, gloo, CPU.
 
 A random-init RetinaNet-r18q checkpoint is tested on the tiny synthetic VOC set twice
 through the real CLI, with the hook in custom_hooks: once with tools/test.py alone and

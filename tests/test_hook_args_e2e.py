@@ -1,4 +1,5 @@
-"""Every hook argument end to end, through a Runner's test loop (issue 8, item 5).
+"""Every hook argument end to end: through the hook in a Runner's test loop, or
+through the hook's before_test on the loaded detector where only the layers matter.
 
 The committed RetinaNet (trained, so activations and errors are those of a real
 detector) runs on the tiny synthetic set: ``Runner.test()`` loads the checkpoint, the

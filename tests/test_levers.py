@@ -1,5 +1,5 @@
 """Accuracy and cost levers of the core: error feedback, and the budget that bounds
-memory and compute (issue 9)."""
+memory and compute."""
 import pytest
 import torch
 

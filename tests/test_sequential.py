@@ -1,4 +1,4 @@
-"""Sequential statistics (issue 9, item 2): each stage is calibrated on the inputs
+"""Sequential statistics: each stage is calibrated on the inputs
 that the quantized stages before it give, against the floating-point outputs."""
 import pytest
 import torch
