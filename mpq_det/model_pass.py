@@ -22,6 +22,8 @@ from .quant import (BUDGET_ON, DEFAULT_FORM, InputStats, QuantizedWeight, check_
                     check_budget, check_max_points, conv_patches, linear_rows,
                     multipoint_quantize, mse_qw, ocs, quantize_points, rtn_qw)
 from .quant.allocation import TARGETS
+from .quant.act_ranges import (RANGES, check_factor, quantize_to_range, search_range,
+                                shrink_range)
 from .quant.grid import GRIDS, check_choice, torch_threads
 from .quant.multipoint import POINT_SCALES, int8_rows
 from .quant.levels import expanded_rows
@@ -70,11 +72,70 @@ class LayerPlan:
     pool: str                  # layers with the same pool share one global budget
 
 
+# what a layer's H comes from when its input is quantized: the 'float' inputs, the
+# 'quantized' inputs (target W), or the quantized inputs with the float ones as the
+# cross term's reference ('target': W* = H_q^-1 A W, see InputStats.target_weight)
+ACT_FITS = ('float', 'quantized', 'target')
+# input values of a layer kept per call for the range search, and at most in all
+ACT_VALUES_PER_CALL = 8192
+ACT_VALUES_MAX = 2 ** 18
+
+
+@dataclass
+class ActSettings:
+    """Fake quantization of the quantized layers' inputs (the ``activations`` group).
+
+    ``bits`` for every layer, except the layers a ``layer_bits`` glob matches (the
+    first match wins) and the layer that reads the image (the first to run), which
+    gets ``image_bits`` (None: as any other). ``range``: how each range is chosen
+    (``quant.act_ranges``); ``shrink`` scales min/max uniformly (with 'minmax'
+    only). ``fit``: see ``ACT_FITS``."""
+    bits: int = 8
+    range: str = 'minmax'
+    shrink: float = 1.0
+    layer_bits: dict[str, int] = field(default_factory=dict)
+    image_bits: int | None = 8
+    fit: str = 'float'
+
+    def __post_init__(self):
+        check_bits(self.bits, 'activations.bits')
+        check_choice(self.range, 'activations.range', RANGES)
+        check_factor(self.shrink, 'activations.shrink')
+        if self.shrink != 1.0 and self.range != 'minmax':
+            raise ValueError(f'activations.shrink={self.shrink} scales min/max: it needs '
+                             f"range='minmax', got range={self.range!r}")
+        for g, b in self.layer_bits.items():
+            check_bits(b, f'activations.layer_bits[{g!r}]')
+        if self.image_bits is not None:
+            check_bits(self.image_bits, 'activations.image_bits')
+        check_choice(self.fit, 'activations.fit', ACT_FITS)
+
+    def bits_of(self, name: str, image: bool) -> int:
+        """The input bits of layer ``name`` (``image``: it reads the image)."""
+        for g, b in self.layer_bits.items():
+            if fnmatch.fnmatchcase(name, g):
+                return b
+        if image and self.image_bits is not None:
+            return self.image_bits
+        return self.bits
+
+
+@dataclass(frozen=True)
+class ActRange:
+    """A layer's input quantization: bits, the range [lo, hi], how it was chosen."""
+    bits: int
+    lo: float
+    hi: float
+    method: str
+
+
 @dataclass
 class LayerStats:
     stats: InputStats
     act_min: float = float('inf')
     act_max: float = float('-inf')
+    # a seeded sample of the input values (StatsCollector(act_values=...))
+    values: list[Tensor] = field(default_factory=list)
     out_positions: int = 0     # output positions summed over calls (conv H*W; Linear rows)
     images: int = 0            # conv: images seen, summed over calls; Linear: calls
     calls: int = 0
@@ -152,9 +213,19 @@ class StatsCollector:
 
     def __init__(self, plans: list[LayerPlan], form: str = DEFAULT_FORM,
                  rows_per_batch: int = ROWS_PER_BATCH, seed: int = 0, damp: float = DAMP,
-                 feedback: bool = False, reference: nn.Module | None = None, **form_opts):
+                 feedback: bool = False, reference: nn.Module | None = None,
+                 act_values: int = 0, act_ranges: dict[str, ActRange] | None = None,
+                 act_cross: bool = False, **form_opts):
         """``feedback``: also keep the exact (or block-diagonal) H that error feedback
         needs, for the multipoint layers (see ``InputStats``).
+
+        ``act_values``: keep a seeded sample of this many input values per call of
+        each layer (``LayerStats.values``, for the activation range search).
+        ``act_ranges``: H comes from each listed layer's input fake-quantized to its
+        range, the input the quantized layer will see; ``act_cross`` (without
+        ``reference``): with the float input at the same positions as the cross
+        term's reference (``InputStats.target_weight``). ``order``: the layers in the
+        order of their first call (the first reads the model's input).
 
         ``reference``: a floating-point copy of the model (sequential statistics).
         Every batch must then run through ``reference`` first and the model second:
@@ -164,6 +235,12 @@ class StatsCollector:
         """
         self.rows = rows_per_batch
         self.gen = torch.Generator().manual_seed(seed)
+        # its own generator: sampling values leaves the rows (and H) as they were
+        self.act_values = act_values
+        self.value_gen = torch.Generator().manual_seed(seed + 1)
+        self.act_ranges = act_ranges or {}
+        self.act_cross = act_cross and reference is None
+        self.order: list[str] = []
         self.stats: dict[str, LayerStats] = {}
         self._handles = []
         # per layer, (positions, rows) of the reference's calls not yet matched
@@ -178,6 +255,8 @@ class StatsCollector:
             if need_h and feedback:
                 # the feedback H gets the same ridge (diag keeps none for its search)
                 opts.update(feedback=True, taps=taps, damp=damp)
+            if need_h and self.act_cross and p.name in self.act_ranges:
+                opts['cross'] = True
             if reference is not None and need_h:
                 opts['cross'] = True
                 self._pending[p.name] = []
@@ -205,10 +284,19 @@ class StatsCollector:
         def fn(m: nn.Module, inputs, output) -> None:
             x = inputs[0].detach().float()
             ls = self.stats[name]
+            if not ls.calls:
+                self.order.append(name)
             ls.calls += 1
             ls.act_min = min(ls.act_min, float(x.min()))
             ls.act_max = max(ls.act_max, float(x.max()))
+            if self.act_values:
+                idx = torch.randint(x.numel(), (self.act_values,), generator=self.value_gen)
+                ls.values.append(x.reshape(-1)[idx.to(x.device)].cpu())
             ref_rows = None
+            r = self.act_ranges.get(name)
+            xf = x
+            if r is not None:
+                x = quantize_to_range(x, r.lo, r.hi, r.bits)
             if name in self._pending:
                 if not self._pending[name]:
                     raise RuntimeError(f'sequential statistics: layer {name!r} ran in the '
@@ -217,7 +305,9 @@ class StatsCollector:
                 idx, ref_rows = self._pending[name].pop(0)
                 rows, _ = self._rows(m, x, idx)
             else:
-                rows, _ = self._rows(m, x)
+                rows, idx = self._rows(m, x)
+                if ls.stats.cross:       # act_cross: the float input is the reference
+                    ref_rows, _ = self._rows(m, xf, idx)
             if isinstance(m, nn.Conv2d):
                 ls.conv = True
                 ls.out_positions += output.shape[-1] * output.shape[-2] * output.shape[0]
@@ -245,6 +335,172 @@ class StatsCollector:
         """Calibration images seen: a conv that runs once per image sees each one once
         (shared heads run once per feature level, so the smallest count is taken)."""
         return num_images(self.stats)
+
+
+class SensitivityCollector:
+    """Forward pre-hooks that sample each layer's input values together with the
+    squared gradient that a backward pass brings to them: the weights of
+    ``activations.range='fisher'`` (``quant.act_ranges``).
+
+    Each layer gets a view of its input, so the gradient it records flows through
+    this layer only: an input that two layers read is quantized by each of them on
+    its own, and each quantization error moves the outputs through that layer.
+    """
+
+    def __init__(self, plans: list[LayerPlan], per_call: int = ACT_VALUES_PER_CALL,
+                 seed: int = 0):
+        self.per_call = per_call
+        self.gen = torch.Generator().manual_seed(seed + 2)
+        self.samples: dict[str, list[tuple[Tensor, Tensor]]] = {p.name: [] for p in plans}
+        self._handles = [p.module.register_forward_pre_hook(self._hook(p.name))
+                         for p in plans]
+
+    def _hook(self, name: str):
+        def fn(m: nn.Module, inputs):
+            x = inputs[0]
+            if not (isinstance(x, Tensor) and x.requires_grad):
+                return None
+            x = x.view_as(x)
+            x.register_hook(self._take(name, x.detach()))
+            return (x, *inputs[1:])
+        return fn
+
+    def _take(self, name: str, x: Tensor):
+        def fn(g: Tensor) -> None:
+            idx = torch.randint(x.numel(), (self.per_call,), generator=self.gen).to(x.device)
+            self.samples[name].append((x.reshape(-1)[idx].float().cpu(),
+                                       g.detach().reshape(-1)[idx].float().pow(2).cpu()))
+        return fn
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _capped(parts: list[Tensor], gen: torch.Generator) -> Tensor:
+    """The concatenated sample, cut to ACT_VALUES_MAX values by a seeded choice."""
+    x = torch.cat(parts) if parts else torch.zeros(0)
+    if x.numel() > ACT_VALUES_MAX:
+        x = x[torch.randperm(x.numel(), generator=gen)[:ACT_VALUES_MAX]]
+    return x
+
+
+def sensitivity_samples(model: nn.Module, plans: list[LayerPlan],
+                        backward: Callable[[nn.Module], None], seed: int = 0
+                        ) -> dict[str, tuple[Tensor, Tensor]]:
+    """{layer: (input values, squared gradients at them)} from ``backward(model)``.
+
+    ``backward(model)`` runs the calibration batches with inputs that require grad
+    and calls ``backward()`` on a random projection of the outputs whose error
+    matters (``quant.act_ranges.random_projection``). The parameters' own
+    gradients are switched off meanwhile, and the model is in eval mode. A layer
+    that no gradient reached (it does not lead to those outputs) is left out.
+    """
+    col = SensitivityCollector(plans, seed=seed)
+    params = [q for q in model.parameters() if q.requires_grad]
+    was_training = model.training
+    for q in params:
+        q.requires_grad_(False)
+    model.eval()
+    try:
+        with torch.enable_grad():
+            backward(model)
+    finally:
+        col.remove()
+        for q in params:
+            q.requires_grad_(True)
+        model.train(was_training)
+    out = {}
+    for name, parts in col.samples.items():
+        if parts:
+            n = sum(v.numel() for v, _ in parts)
+            keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            keep = keep[:ACT_VALUES_MAX]
+            out[name] = (torch.cat([v for v, _ in parts])[keep],
+                         torch.cat([g for _, g in parts])[keep])
+    return out
+
+
+def choose_act_ranges(plans: list[LayerPlan], stats: dict[str, LayerStats],
+                      acts: ActSettings, image_layer: str | None = None,
+                      weighted: dict[str, tuple[Tensor, Tensor]] | None = None
+                      ) -> dict[str, ActRange]:
+    """Each layer's input bits and range, by ``acts.range`` on the calibration
+    statistics (``StatsCollector(act_values=...)``; ``'fisher'`` also needs
+    ``weighted``, from ``sensitivity_samples``).
+
+    The layer that reads the image (``image_layer``) keeps its min/max range at 8
+    bits: an 8-bit grid holds the normalized 8-bit image. A layer that no gradient
+    reached gets the ``'mse'`` range under ``'fisher'``.
+    """
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for p in plans:
+        ls = stats.get(p.name)
+        if ls is None or not ls.calls or not ls.act_max >= ls.act_min:
+            continue
+        image = p.name == image_layer
+        bits = acts.bits_of(p.name, image)
+        lo, hi = ls.act_min, ls.act_max
+        method = acts.range
+        if image and bits >= 8:
+            method = 'minmax'
+        elif method == 'minmax' and acts.shrink != 1.0:
+            lo, hi = shrink_range(lo, hi, acts.shrink)
+            method = f'shrink {acts.shrink:g}'
+        elif method == 'fisher' and p.name in (weighted or {}):
+            x, g2 = weighted[p.name]
+            lo, hi = search_range(x, lo, hi, bits, weight=g2)
+        elif method in ('mse', 'fisher'):
+            lo, hi = search_range(_capped(ls.values, gen), lo, hi, bits)
+            method = 'mse' if method == 'mse' else 'mse (no gradient)'
+        out[p.name] = ActRange(bits, float(lo), float(hi), method)
+    return out
+
+
+def calibrate_layers(model: nn.Module, plans: list[LayerPlan],
+                     calibrate: Callable[[nn.Module, nn.Module | None], None],
+                     acts: ActSettings | None = None,
+                     backward: Callable[[nn.Module], None] | None = None,
+                     **collector) -> tuple[dict[str, LayerStats], dict[str, ActRange],
+                                           str | None]:
+    """Calibration statistics of ``plans`` and, with ``acts``, every layer's input
+    bits and range. Returns (stats, ranges, the layer that reads the image).
+
+    ``calibrate(model, None)`` runs the calibration batches; ``collector``: keyword
+    arguments of ``StatsCollector``. With ``acts``: ``acts.range='fisher'`` runs
+    ``backward`` once (``sensitivity_samples``); ``acts.fit`` other than 'float'
+    runs the batches once more, for H on the inputs through the chosen ranges.
+    """
+    col = StatsCollector(plans, act_values=ACT_VALUES_PER_CALL if acts else 0,
+                         **collector)
+    try:
+        calibrate(model, None)
+    finally:
+        col.remove()
+    image = col.order[0] if col.order else None
+    if acts is None:
+        return col.stats, {}, image
+    weighted = None
+    if acts.range == 'fisher':
+        if backward is None:
+            raise ValueError("activations.range='fisher' needs a backward function that "
+                             'backpropagates the outputs whose error matters (the hook '
+                             "provides the detector's scores)")
+        weighted = sensitivity_samples(model, plans, backward, collector.get('seed', 0))
+    ranges = choose_act_ranges(plans, col.stats, acts, image, weighted)
+    for ls in col.stats.values():
+        ls.values = []
+    if acts.fit == 'float':
+        return col.stats, ranges, image
+    col2 = StatsCollector(plans, act_ranges=ranges, act_cross=acts.fit == 'target',
+                          **collector)
+    try:
+        calibrate(model, None)
+    finally:
+        col2.remove()
+    return col2.stats, ranges, image
 
 
 def num_images(stats: dict[str, LayerStats]) -> int:
@@ -280,7 +536,8 @@ def _quantize_one(p: LayerPlan, grid: str = 'symmetric'
 
 
 def quantize_model(model: nn.Module, plans: list[LayerPlan],
-                   stats: dict[str, LayerStats] | None, act_bits: int | None = None,
+                   stats: dict[str, LayerStats] | None,
+                   act_ranges: dict[str, ActRange] | None = None,
                    seed: int = 0, error_feedback: bool = False, feedback_points: int = 4,
                    budget_on: str = 'both', feedback_mode: str = 'joint',
                    feedback_order: bool = True, bias_correction: bool = False,
@@ -288,6 +545,8 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
                    grid: str = 'symmetric', target: str = 'lowbit') -> QuantResult:
     """Quantizes the planned layers in place and returns the per-layer report rows.
 
+    ``act_ranges``: the input bits and range of each layer whose input is
+    fake-quantized (``calibrate_layers``); the others keep float inputs.
     ``error_feedback``: error feedback on 1..``feedback_points`` points of every
     channel of the multipoint layers, in ``feedback_mode`` ('joint' or 'first', see
     ``mpq_det.quant.greedy_multipoint``; needs ``stats`` collected with
@@ -313,7 +572,7 @@ def quantize_model(model: nn.Module, plans: list[LayerPlan],
     qws, errs = _quantize_layers(plans, stats, n_images, opts)
     res = QuantResult()
     for p in plans:
-        _apply(model, p, qws[p.name], stats, act_bits, bias_correction, errs.get(p.name),
+        _apply(model, p, qws[p.name], stats, act_ranges, bias_correction, errs.get(p.name),
                n_images, res, target)
     res.summary.update(quant_time_s=time.perf_counter() - t0, target=target)
     return res
@@ -360,8 +619,10 @@ def _quantize_layers(plans: list[LayerPlan], stats: dict[str, LayerStats] | None
     errs: dict[str, tuple[float, float, float]] = {}
     for members in groups.values():
         s = members[0].settings
-        Ws = [stats[p.name].stats.target_weight(weight_2d(p.module)) if sequential
-              else weight_2d(p.module) for p in members]
+        # the cross term (sequential, or activations.fit='target') gives the target
+        Ws = [stats[p.name].stats.target_weight(weight_2d(p.module))
+              if sequential or stats[p.name].stats.cross else weight_2d(p.module)
+              for p in members]
         Hs = [stats[p.name].stats.finalize() for p in members]
         fbs = [stats[p.name].stats.finalize_feedback(order=o.feedback_order)
                for p in members] if o.error_feedback else [None] * len(members)
@@ -390,7 +651,7 @@ def _quantize_layers(plans: list[LayerPlan], stats: dict[str, LayerStats] | None
 
 
 def _apply(model: nn.Module, p: LayerPlan, qw_index: tuple[QuantizedWeight, Tensor | None],
-           stats: dict[str, LayerStats] | None, act_bits: int | None,
+           stats: dict[str, LayerStats] | None, act_ranges: dict[str, ActRange] | None,
            bias_correction: bool, err, n_images: int, res: QuantResult,
            target: str = 'lowbit') -> None:
     """Swaps layer ``p`` for its quantized module and adds its report row."""
@@ -402,16 +663,22 @@ def _apply(model: nn.Module, p: LayerPlan, qw_index: tuple[QuantizedWeight, Tens
     if bias_correction and q.bias is not None and in_index is None and ls is not None \
             and ls.stats.n:
         q.bias.data += _mean_shift(m, qw, ls.stats).to(q.bias)
-    if act_bits is not None and ls is not None and ls.act_max >= ls.act_min:
-        q.set_act_range(ls.act_min, ls.act_max, act_bits=act_bits)
+    act = (act_ranges or {}).get(p.name)
+    if act is not None:
+        q.set_act_range(act.lo, act.hi, act_bits=act.bits)
     swap_module(model, p.name, q)
     res.layers.append(_layer_row(p, qw, in_index, ls, err, n_images, target))
+    res.layers[-1].update(act_bits=None if act is None else act.bits,
+                          act_range=None if act is None else [act.lo, act.hi],
+                          act_method=None if act is None else act.method)
 
 
 def quantize_model_sequential(model: nn.Module, plans: list[LayerPlan],
                               calibrate: Callable[[nn.Module, nn.Module | None], None],
                               stage_of: Callable[[str], str],
-                              collector: dict | None = None, act_bits: int | None = None,
+                              collector: dict | None = None,
+                              acts: ActSettings | None = None,
+                              backward: Callable[[nn.Module], None] | None = None,
                               seed: int = 0, error_feedback: bool = False,
                               feedback_points: int = 4, budget_on: str = 'both',
                               feedback_mode: str = 'joint', feedback_order: bool = True,
@@ -442,8 +709,11 @@ def quantize_model_sequential(model: nn.Module, plans: list[LayerPlan],
 
     ``calibrate(model, reference)`` runs every calibration batch (through
     ``reference`` first when it is given). ``collector``: keyword arguments of
-    ``StatsCollector`` (form, seed, damp, rows_per_batch). Other arguments: see
-    ``quantize_model``. ``quant_time_s`` in the summary excludes the calibration
+    ``StatsCollector`` (form, seed, damp, rows_per_batch). ``acts``/``backward``:
+    the input quantization, its ranges chosen in step 1 (``calibrate_layers``);
+    the later stages run through the quantized stages' inputs, and with
+    ``acts.fit`` other than 'float' each layer's rows are its quantized input.
+    Other arguments: see ``quantize_model``. ``quant_time_s`` in the summary excludes the calibration
     forwards; ``calib_passes`` counts them.
     """
     o = _PassOptions(seed, error_feedback, feedback_points, budget_on, feedback_mode,
@@ -454,22 +724,21 @@ def quantize_model_sequential(model: nn.Module, plans: list[LayerPlan],
         if stage_of(p.name) not in stages:
             stages.append(stage_of(p.name))
     reference = copy.deepcopy(model) if len(stages) > 1 else None
-    col = StatsCollector(plans, **copts)
-    try:
-        calibrate(model, None)
-    finally:
-        col.remove()
+    stats0, ranges, image = calibrate_layers(model, plans, calibrate, acts, backward,
+                                             **copts)
+    fit_ranges = ranges if acts is not None and acts.fit != 'float' else None
     t0 = time.perf_counter()
-    n_images = num_images(col.stats)
-    qws0, errs0 = _quantize_layers(plans, col.stats, n_images, o)
+    n_images = num_images(stats0)
+    qws0, errs0 = _quantize_layers(plans, stats0, n_images, o)
     npoints = {name: qw.npoints for name, (qw, _) in qws0.items()}
     quant_time = time.perf_counter() - t0
     res = QuantResult()
     for i, st in enumerate(stages):
         members = [p for p in plans if stage_of(p.name) == st]
-        stats, qws, errs = col.stats, qws0, errs0
+        stats, qws, errs = stats0, qws0, errs0
         if i and not unpaired(st):
-            c = StatsCollector(members, reference=reference, **copts)
+            c = StatsCollector(members, reference=reference, act_ranges=fit_ranges,
+                               **copts)
             try:
                 calibrate(model, reference)
             finally:
@@ -479,11 +748,12 @@ def quantize_model_sequential(model: nn.Module, plans: list[LayerPlan],
             qws, errs = _quantize_layers(members, stats, n_images, o, npoints, True)
             quant_time += time.perf_counter() - t0
         for p in members:
-            _apply(model, p, qws[p.name], stats, act_bits, bias_correction,
+            _apply(model, p, qws[p.name], stats, ranges, bias_correction,
                    errs.get(p.name), n_images, res, target)
     order = {p.name: i for i, p in enumerate(plans)}
     res.layers.sort(key=lambda r: order[r['name']])
     res.summary.update(quant_time_s=quant_time, stages=stages, target=target,
+                       image_layer=image,
                        sequential_stages=[st for st in stages[1:] if not unpaired(st)])
     res.summary['calib_passes'] = 1 + len(res.summary['sequential_stages'])
     return res

@@ -20,8 +20,9 @@ Two equivalent forwards (``mode``):
 Activation quantization (``act_bits``): before the layer, x is fake-quantized per
 tensor. Symmetric: step = max(|min|, |max|) / (2**(b-1) - 1), codes in
 -(2**(b-1)-1)..2**(b-1)-1. Asymmetric: step = (max - min) / (2**b - 1), zero point
-round(-min / step), codes in 0..2**b-1. Calibrate with ``set_act_range(min, max)``
-(the model pass records the input ranges on the calibration images).
+round(-min / step), codes in 0..2**b-1 (``quant.act_ranges.fake_quant``). Calibrate
+with ``set_act_range(lo, hi)``: the model pass chooses each layer's range on the
+calibration images (``quant.act_ranges``), and its bits may differ per layer.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .quant.act_ranges import fake_quant
 from .quant.grid import act_qparams, check_bits
 from .quant.levels import point_levels
 from .quant.multipoint import QuantizedWeight
@@ -105,13 +107,19 @@ class _QuantBase(nn.Module):
                 raise RuntimeError('act_bits is set but the activation range is not '
                                    'calibrated: call set_act_range(min, max)')
             self._act_checked = True
-        s = self.act_scale.to(x.dtype)
-        z = self.act_zero.to(x.dtype)
-        b = self.act_bits
+        return fake_quant(x, self.act_scale.to(x.dtype), self.act_zero.to(x.dtype),
+                          self.act_bits, self.act_symmetric)
+
+    @property
+    def act_range(self) -> tuple[float, float] | None:
+        """The [lo, hi] that the input fake quantization holds (None: float input)."""
+        if self.act_bits is None or float(self.act_scale) <= 0:
+            return None
+        s, z = float(self.act_scale), float(self.act_zero)
         if self.act_symmetric:
-            q = 2 ** (b - 1) - 1
-            return torch.clamp(torch.round(x / s), -q, q) * s
-        return (torch.clamp(torch.round(x / s) + z, 0, 2 ** b - 1) - z) * s
+            q = 2 ** (self.act_bits - 1) - 1
+            return -q * s, q * s
+        return -z * s, (2 ** self.act_bits - 1 - z) * s
 
     def _gather_inputs(self, x: Tensor, dim: int) -> Tensor:
         if self.in_index is None:

@@ -19,10 +19,14 @@ Arguments, one table per group in docs/hook.md:
 * ``points``: what the budget bounds, how extra points are ranked, their scales;
 * ``feedback``: error feedback (None: off);
 * ``stats``: the form of the calibration statistic H, sequential statistics;
-* ``bias_correction``; ``activations`` (None: float inputs); ``calib``: which images.
+* ``bias_correction``; ``activations`` (None: float inputs): bits, per-layer bits,
+  how the ranges are chosen; ``calib``: which images;
+* ``protocol``: which layers a published comparison quantizes, 'ours' (every layer)
+  or 'literature' (heads in floating point, the first conv at 8 bits).
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import asdict, replace
 from typing import Any, Callable, Sequence
@@ -30,8 +34,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .components import COMPONENTS, component_of, runs_on_proposals, stage_of
-from .model_pass import (QuantResult, QuantSettings, StatsCollector, plan_layers,
-                         quantize_model, quantize_model_sequential)
+from .model_pass import (ACT_FITS, QUANTIZABLE, ActSettings, QuantResult, QuantSettings,
+                         calibrate_layers, plan_layers, quantize_model,
+                         quantize_model_sequential)
+from .quant.act_ranges import RANGES, check_factor
 from .quant import BUDGET_ON, DEFAULT_FORM, FORMS, GRIDS, check_bits
 from .quant.allocation import BY, TARGETS
 from .quant.multipoint import FB_MODES, POINT_SCALES
@@ -74,6 +80,25 @@ def _bits(name: str, value: Any) -> int:
     return check_bits(value, name)
 
 
+def _bits_or_none(name: str, value: Any) -> int | None:
+    return None if value is None else check_bits(value, name)
+
+
+def _glob_bits(name: str, value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        raise ValueError(f'{name}={value!r} must be a dict {{glob: bits}}')
+    return {str(g): check_bits(b, f'{name}[{g!r}]') for g, b in value.items()}
+
+
+# protocol -> what it sets unless the arguments say otherwise. 'literature': QDrop,
+# BRECQ and most detection PTQ papers keep the heads in floating point and the first
+# conv (the one that reads the image) at 8 bits, weights and input; 'ours': every
+# layer of backbone, neck and head (the first conv's input at 8 bits all the same:
+# activations.image_bits)
+PROTOCOLS = ('ours', 'literature')
+LITERATURE_FIRST_BITS = 8
+
+
 # target -> the defaults it gives the points group; the explicit keys win. 'int8': a
 # channel's points at power-of-two scale ratios merge into one int8 row, and the
 # budget counts compute as the int8 graph pays it (merged points free, any other
@@ -98,7 +123,9 @@ GROUPS: dict[str, dict[str, tuple[Any, Callable[[str, Any], Any]]]] = {
                      order=(True, _flag)),
     'stats': dict(form=(DEFAULT_FORM, _choice(tuple(FORMS))),
                   sequential=(False, _choice(SEQUENTIAL))),
-    'activations': dict(bits=(8, _bits)),
+    'activations': dict(bits=(8, _bits), range=('minmax', _choice(RANGES)),
+                        shrink=(1.0, lambda n, v: check_factor(v, n)), layer_bits=({}, _glob_bits),
+                        image_bits=(8, _bits_or_none), fit=('float', _choice(ACT_FITS))),
     'calib': dict(split=('train', _choice(SPLITS)), num_images=(32, _positive_int),
                   batch_size=(4, _positive_int), seed=(0, _int)),
 }
@@ -142,12 +169,15 @@ class MultipointQuantizer:
                  stats: dict | None = DEFAULTS['stats'], bias_correction: bool = False,
                  activations: dict | None = DEFAULTS['activations'],
                  calib: dict | None = DEFAULTS['calib'], grid: str = 'symmetric',
-                 target: str = 'lowbit') -> None:
+                 target: str = 'lowbit', protocol: str = 'ours') -> None:
         self.base = QuantSettings(bits, method, budget, allocation, max_points)
         self.grid = _choice(GRIDS)('grid', grid)
         self.target = _choice(TARGETS)('target', target)
-        self.components, self.pools = self._parse_components(components)
+        self.protocol = _choice(PROTOCOLS)('protocol', protocol)
         self.explicit = set(components or ())
+        if self.protocol == 'literature' and 'head' not in self.explicit:
+            components = dict(components or {}, head=None)
+        self.components, self.pools = self._parse_components(components)
         if isinstance(skip, str) or not all(isinstance(g, str) for g in skip):
             raise ValueError(f'skip={skip!r} must be a list of fnmatch globs (strings)')
         self.skip = list(skip)
@@ -163,6 +193,8 @@ class MultipointQuantizer:
         self.stats = parse_group('stats', stats)
         self.bias_correction = _flag('bias_correction', bias_correction)
         self.activations = parse_group('activations', activations)
+        # the group's keys together (shrink needs range='minmax')
+        self.acts = None if self.activations is None else ActSettings(**self.activations)
         self.calib = parse_group('calib', calib)
 
     def _parse_components(self, components: dict | None
@@ -199,6 +231,7 @@ class MultipointQuantizer:
     def settings(self) -> dict:
         """Everything that decides the quantized weights (stored in exports)."""
         return dict(base=asdict(self.base), grid=self.grid, target=self.target,
+                    protocol=self.protocol,
                     components={c: None if s is None else asdict(s)
                                 for c, s in self.components.items()},
                     pools=self.pools, skip=self.skip, layer_bits=self.layer_bits,
@@ -214,18 +247,37 @@ class MultipointQuantizer:
                 raise ValueError(f'components: the model has no {comp!r} (it has '
                                  f'{sorted(present)}); remove it or set it to None')
 
+    def protocol_layer_bits(self, model: torch.nn.Module) -> dict[str, int]:
+        """``layer_bits`` with what the protocol adds: under 'literature', the
+        backbone's first quantizable layer (the conv that reads the image) at 8 bits
+        unless a ``layer_bits`` glob of the arguments already sets it."""
+        if self.protocol != 'literature':
+            return dict(self.layer_bits)
+        first = next((n for n, m in model.named_modules()
+                      if component_of(n) == 'backbone' and type(m) in QUANTIZABLE), None)
+        out = dict(self.layer_bits)
+        if first is not None and not any(fnmatch.fnmatchcase(first, g) for g in out):
+            out[first] = LITERATURE_FIRST_BITS
+        return out
+
     def quantize(self, model: torch.nn.Module,
                  calibrate: Callable[[torch.nn.Module, torch.nn.Module | None], None],
                  what: str = 'the calibration inputs',
-                 logger: logging.Logger | None = None) -> tuple[QuantResult, list, list]:
+                 logger: logging.Logger | None = None,
+                 backward: Callable[[torch.nn.Module], None] | None = None
+                 ) -> tuple[QuantResult, list, list]:
         """Plans ``model``'s layers, calibrates and quantizes them in place.
 
         ``calibrate(m, reference)`` runs every calibration batch through ``m``
         (through ``reference`` first when it is not None: the passes of sequential
-        statistics). Returns (result, plans, skipped)."""
+        statistics). ``backward(m)``, needed by ``activations.range='fisher'``: runs
+        the calibration batches with inputs that require grad and backpropagates a
+        random projection of the outputs whose error matters
+        (``model_pass.sensitivity_samples``). Returns (result, plans, skipped)."""
         logger = logger or logging.getLogger('mpq_det')
         plans, skipped, unmatched = plan_layers(model, component_of, self.components,
-                                                self.skip, self.pools, self.layer_bits)
+                                                self.skip, self.pools,
+                                                self.protocol_layer_bits(model))
         for g in unmatched:
             logger.warning(f'MultipointQuantizer: skip/layer_bits glob {g!r} matches no layer')
         sequential = self.stats['sequential']
@@ -246,14 +298,12 @@ class MultipointQuantizer:
             result = quantize_model_sequential(
                 model, plans, calibrate,
                 lambda n: stage_of(n, split_backbone=sequential is True),
-                dict(form=self.stats['form'], seed=seed), self.act_bits,
+                dict(form=self.stats['form'], seed=seed), self.acts, backward,
                 unpaired=runs_on_proposals, **levers)
             return result, plans, skipped
-        collector = StatsCollector(plans, form=self.stats['form'], seed=seed,
-                                   feedback=fb is not None)
-        try:
-            calibrate(model, None)
-        finally:
-            collector.remove()
-        result = quantize_model(model, plans, collector.stats, self.act_bits, **levers)
+        stats, ranges, image = calibrate_layers(
+            model, plans, calibrate, self.acts, backward, form=self.stats['form'],
+            seed=seed, feedback=fb is not None)
+        result = quantize_model(model, plans, stats, ranges, **levers)
+        result.summary['image_layer'] = image
         return result, plans, skipped
