@@ -81,6 +81,7 @@ class MultipointQuantHook(Hook):
             hints = ''.join(f'; {k} is now {MOVED[k]}' for k in sorted(unknown) if k in MOVED)
             raise ValueError(f'MultipointQuantHook got unknown argument(s) {sorted(unknown)}; '
                              f'allowed: {(*allowed, "export", "report")}{hints}')
+        kwargs = dict(kwargs, points={k: v for k, v in kwargs['points'].items() if k != 'scales'}) if isinstance(kwargs.get('points'), dict) else kwargs
         self.quantizer = MultipointQuantizer(**kwargs)
         if export is not None and not isinstance(export, str):
             raise ValueError(f'export={export!r} must be a file path or None')

@@ -168,7 +168,7 @@ class MultipointQuantizer:
                  feedback: dict | None = DEFAULTS['feedback'],
                  stats: dict | None = DEFAULTS['stats'], bias_correction: bool = False,
                  activations: dict | None = DEFAULTS['activations'],
-                 calib: dict | None = DEFAULTS['calib'], grid: str = 'symmetric',
+                 calib: dict | None = DEFAULTS['calib'], grid: str = 'full',
                  target: str = 'lowbit', protocol: str = 'ours') -> None:
         self.base = QuantSettings(bits, method, budget, allocation, max_points)
         self.grid = _choice(GRIDS)('grid', grid)

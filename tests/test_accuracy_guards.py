@@ -23,6 +23,7 @@ NUM_IMAGES = 100
 DETECTORS = ('retinanet_r18q', 'faster_rcnn_r18q')
 # every argument of the hook, pinned
 PINNED = dict(bits=4, method='multipoint', budget=0.05, allocation='global', max_points=4,
+              grid='symmetric', target='lowbit',   # what MEASURED was measured with
               components=None, skip=[], layer_bits={},
               points=dict(budget_on='both', rank_by='output', scales='free'),
               feedback=dict(points=4, mode='joint', order=True),

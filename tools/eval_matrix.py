@@ -118,19 +118,23 @@ def main() -> None:
                 bpw=None if s is None else s['bits_per_weight'],
                 mem=None if s is None else s['memory_overhead'],
                 comp=None if s is None else s.get('compute_overhead'),
+                # as deployed on the hook's target (int8: merged points are one row)
+                mem_t=None if s is None else s.get('memory_overhead_deployed'),
+                comp_t=None if s is None else s.get('compute_overhead_deployed'),
                 qtime=None if s is None else s['quant_time_s'],
                 ctime=None if s is None else s['calib_and_quant_time_s']))
     f = lambda v, fmt: '-' if v is None else format(v, fmt)  # noqa: E731
     lines = ['| detector | run | VOC mAP@0.5 (x100) | COCO mAP (x100) | COCO mAP50 (x100) | '
-             'bits/weight | mem overhead | compute overhead | quant s | calib+quant s |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+             'bits/weight | mem overhead | compute overhead | quant s | calib+quant s | '
+             'mem on target | compute on target |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         lines.append(
             f"| {r['detector']} | {r['run']} | {f(r['voc'] and 100 * r['voc'], '.2f')} | "
             f"{f(r['coco'] and 100 * r['coco'], '.2f')} | {f(r['coco50'] and 100 * r['coco50'], '.2f')} | "
             f"{f(r['bpw'], '.3f')} | {f(r['mem'], '.2%')} | {f(r['comp'], '.2%')} | "
             f"{f(r['qtime'], '.2f')} | "
-            f"{f(r['ctime'], '.2f')} |")
+            f"{f(r['ctime'], '.2f')} | {f(r['mem_t'], '.2%')} | {f(r['comp_t'], '.2%')} |")
     table = '\n'.join(lines)
     print(table)
     if a.out:
