@@ -789,20 +789,26 @@ def _layer_row(p: LayerPlan, qw: QuantizedWeight, in_index: Tensor | None,
     rows_run = expanded_rows(qw.npoints, G)
     comp_over = (rows_run * d_stored - C * d) / (C * d)
     macs = C * d * positions_per_image(ls, n_images)
-    # as deployed on the target: on int8, a channel's merged points are one row (no
-    # extra compute) stored as int8 codes (8 bits per weight instead of b)
-    dep_rows, merged = int8_rows(qw) if target == 'int8' else (qw.npoints, qw.npoints * 0)
-    dep_bits = d_stored * (int(dep_rows.sum()) * qw.bits +
-                           int((merged > 1).sum()) * max(8 - qw.bits, 0))
+    # as deployed on the target. lowbit: the rows above, b bits per code. int8: a
+    # channel's merged points are one row (no extra compute); the graph stores a
+    # layer's codes as INT4 if they all fit in [-8, 7] (merged rows included), else
+    # as int8; compared with one point per channel (INT4 up to 4 bits)
+    if target == 'int8':
+        dep_rows, lo, hi = int8_rows(qw)
+        width, base_width = (4 if lo >= -8 and hi <= 7 else 8), (4 if qw.bits <= 4 else 8)
+    else:
+        dep_rows, width, base_width = qw.npoints, qw.bits, qw.bits
+    dep_bits = d_stored * int(dep_rows.sum()) * width
     row = dict(name=p.name, component=p.component, type=type(m).__name__,
                shape=list(m.weight.shape), bits=qw.bits, method=s.method,
                points_mean=rows / C, points_max=int(qw.npoints.max()),
                mem_overhead=mem_over, compute_overhead=comp_over,
-               mem_overhead_deployed=(dep_bits - qw.bits * C * d) / (qw.bits * C * d),
+               mem_overhead_deployed=(dep_bits - base_width * C * d) / (base_width * C * d),
                compute_overhead_deployed=(expanded_rows(dep_rows, G) * d_stored - C * d)
                / (C * d),
                macs_per_image=macs, weights=C * d, stored_weights=rows * d_stored,
-               stored_bits_deployed=dep_bits, scales=int(qw.scales.numel()))
+               stored_bits_deployed=dep_bits, base_bits_deployed=base_width * C * d,
+               scales=int(qw.scales.numel()))
     if err is not None:
         row.update(rel_err_1pt=err[1], rel_err_final=err[2])
     else:
@@ -830,6 +836,7 @@ def summarize(res: QuantResult, model: nn.Module, plans: list[LayerPlan]) -> dic
     extra_macs = sum(r['macs_per_image'] * r['compute_overhead'] for r in res.layers)
     dep_bits = sum(r.get('stored_bits_deployed', r['bits'] * r['stored_weights'])
                    for r in res.layers)
+    dep_base = sum(r.get('base_bits_deployed', r['bits'] * r['weights']) for r in res.layers)
     dep_macs = sum(r['macs_per_image'] * r.get('compute_overhead_deployed',
                                                r['compute_overhead'])
                    for r in res.layers)
@@ -840,6 +847,6 @@ def summarize(res: QuantResult, model: nn.Module, plans: list[LayerPlan]) -> dic
         bits_per_quantized_weight=q_bits / max(q_weights, 1),
         memory_overhead=extra / max(q_storage, 1),
         compute_overhead=extra_macs / max(macs, 1),
-        memory_overhead_deployed=(dep_bits - q_storage) / max(q_storage, 1),
+        memory_overhead_deployed=(dep_bits - dep_base) / max(dep_base, 1),
         compute_overhead_deployed=dep_macs / max(macs, 1),
     )

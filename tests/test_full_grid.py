@@ -179,6 +179,7 @@ def test_pow2_merged_points_cost_no_compute_on_int8(grid):
                    for q, p in zip(qws, pos))
     assert extra(low, lambda q: q.npoints) <= budget * total
     assert extra(i8, lambda q: int8_rows(q)[0]) <= budget * total
+    assert max(int8_rows(q)[2] for q in i8) > 7     # merged rows leave INT4
     assert sum(q.extra_points() for q in i8) > 3 * sum(q.extra_points() for q in low)
     # a channel whose extra points all merge runs as one row
     for q, ps in zip(i8, pss):

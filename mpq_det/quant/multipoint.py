@@ -300,16 +300,20 @@ def merge_pow2(scales: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, int]:
             best)
 
 
-def int8_rows(qw: QuantizedWeight) -> tuple[Tensor, Tensor]:
-    """(rows (C,), merged (C,)) int64 of each channel on the int8 graph: its rows
-    after ``merge_pow2``, and how many points its first row holds (1: none merged)."""
-    rows, merged = qw.npoints.clone(), torch.ones_like(qw.npoints)
+def int8_rows(qw: QuantizedWeight) -> tuple[Tensor, int, int]:
+    """(rows (C,) int64, lowest code, highest code) of a layer on the int8 graph: each
+    channel's rows after ``merge_pow2``, and the range of all its rows' codes (merged
+    rows included), which decides whether the graph can store them as INT4."""
+    rows = qw.npoints.clone()
+    lo = int(qw.codes.min()) if qw.codes.numel() else 0
+    hi = int(qw.codes.max()) if qw.codes.numel() else 0
     start = torch.cumsum(qw.npoints, 0) - qw.npoints
     for c in torch.nonzero(qw.npoints > 1).reshape(-1).tolist():
         s, n = int(start[c]), int(qw.npoints[c])
-        m = merge_pow2(qw.scales[s:s + n], qw.codes[s:s + n])[2]
-        rows[c], merged[c] = n - m + 1, m
-    return rows, merged
+        _, codes, m = merge_pow2(qw.scales[s:s + n], qw.codes[s:s + n])
+        rows[c] = n - m + 1
+        lo, hi = min(lo, int(codes.min())), max(hi, int(codes.max()))
+    return rows, lo, hi
 
 
 def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = True,
