@@ -37,7 +37,8 @@ def cell_id(c: dict) -> str:
         s += f"_b{h['budget']:g}"
     if act_bits(h):
         s += f"_a{act_bits(h)}"
-    extra = {}
+    extra = {f'activations.{k}': v for k, v in (h.get('activations') or {}).items()
+             if k != 'bits'}
     for k, v in h.items():
         if k in ('method', 'bits', 'budget', 'activations'):
             continue
@@ -77,6 +78,90 @@ def sweep_cells(bits: Iterable[int] = BITS, budgets: Iterable[float] = BUDGETS,
             cells += [mpq('multipoint', b, 0.05, **a8), mpq('rtn', b, **a8)]
     cells += [dict(kind='quanto', group='sweep', quanto=q) for q in quanto]
     return cells
+
+
+# the activation sweep: (weight bits, activation bits, budget) settings, and the range
+# methods by name (the activations group's keys besides bits)
+ACT_SETTINGS = {'W4A4': (4, 4, 0.05), 'W3A4': (3, 4, 0.05), 'W2A4': (2, 4, 0.1),
+                'W4A8': (4, 8, 0.05)}
+ACT_RANGES = {'minmax': {}, 'shrink0.7': dict(shrink=0.7), 'shrink0.5': dict(shrink=0.5),
+              'mse': dict(range='mse'), 'fisher': dict(range='fisher')}
+PROTOCOLS = ('ours', 'literature')
+
+
+def act_cells(settings: Iterable[str] = tuple(ACT_SETTINGS),
+              protocols: Iterable[str] = PROTOCOLS, ranges: Iterable[str] = tuple(ACT_RANGES),
+              methods: Iterable[str] = ('multipoint',), **more) -> list[dict]:
+    """Quantized activations: every setting (``ACT_SETTINGS``) x protocol x weight
+    method x range method (``ACT_RANGES``), in group 'act'. rtn and mse weights take
+    no budget. ``more``: further hook arguments of every cell (e.g. an ablation's
+    ``stats=dict(sequential=True)``)."""
+    cells = []
+    for name in settings:
+        wb, ab, budget = ACT_SETTINGS[name]
+        for proto in protocols:
+            for m in methods:
+                for r in ranges:
+                    cells.append(mpq(m, wb, budget if m == 'multipoint' else 0.0,
+                                     group='act', protocol=proto,
+                                     activations=dict(bits=ab, **ACT_RANGES[r]), **more))
+    return cells
+
+
+def range_label(h: dict) -> str:
+    """The ``ACT_RANGES`` name of a cell's activations group (other keys appended)."""
+    a = {k: v for k, v in (h.get('activations') or {}).items() if k != 'bits'}
+    for name, keys in ACT_RANGES.items():
+        if all(a.get(k) == v for k, v in keys.items()) and \
+                all(k in keys for k in a if k in ('range', 'shrink')):
+            rest = {k: v for k, v in a.items() if k not in keys}
+            return name + ''.join(f' {k}={v}' for k, v in sorted(rest.items()))
+    return ' '.join(f'{k}={v}' for k, v in sorted(a.items()))
+
+
+def _act_row_key(r: dict) -> tuple:
+    """(detector, protocol, weight bits, act bits, method, budget, other hook args):
+    what a row of ``act_markdown`` holds fixed."""
+    h = r['hook']
+    rest = {k: v for k, v in h.items()
+            if k not in ('method', 'bits', 'budget', 'activations', 'protocol')}
+    return (r['detector'], h.get('protocol', 'ours'), h['bits'], act_bits(h), h['method'],
+            h.get('budget'), repr(rest))
+
+
+def act_markdown(rows: list[dict]) -> str:
+    """The activation sweep as one table: per detector, protocol, setting and weight
+    method, a column per range method with the metrics (x100) and, in brackets, the
+    last metric's change against FP. A4 is simulated (onnxruntime has no 4-bit
+    activation kernels)."""
+    act = [r for r in rows if r['group'] == 'act' and r['metrics']]
+    if not act:
+        return ''
+    mets = metric_names(rows)
+    last = mets[-1][0]
+    fp = {r['detector']: r['metrics'] for r in rows if r['kind'] == 'fp'}
+    labels = list(dict.fromkeys(range_label(r['hook']) for r in act))
+    table = {(_act_row_key(r), range_label(r['hook'])): r['metrics'] for r in act}
+    out = [' / '.join(lab for _, lab in mets) + f' (x100); in brackets {mets[-1][1]} '
+           'against FP. A4 is simulated: onnxruntime has no 4-bit activation kernels.', '',
+           '| detector | protocol | setting | weights | ' + ' | '.join(labels) + ' |',
+           '|---|---|---|---|' + '---|' * len(labels)]
+    for key in dict.fromkeys(_act_row_key(r) for r in act):
+        det, proto, wb, ab, meth, budget, rest = key
+        cells = []
+        for lab in labels:
+            m = table.get((key, lab))
+            if m is None:
+                cells.append('-')
+                continue
+            c = ' / '.join(format(100 * m[k], '.2f') for k, _ in mets if k in m)
+            if last in m and last in fp.get(det, {}):
+                c += f' ({100 * (m[last] - fp[det][last]):+.2f})'
+            cells.append(c)
+        name = f'W{wb}A{ab}' + (f' b{budget:g}' if meth == 'multipoint' else '')
+        more = '' if rest == '{}' else f' {rest}'
+        out.append(f'| {det} | {proto} | {name} | {meth}{more} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(out) + '\n'
 
 
 def ablation_cells(levers: dict[str, dict] | None = None) -> list[dict]:

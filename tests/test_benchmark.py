@@ -91,3 +91,27 @@ def test_plots_are_written(tmp_path):
                                                 'd_points_hist.png']
     for p in paths:
         assert open(p, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_act_cells_ids_and_table():
+    """The activation sweep: one cell per setting x protocol x method x range, ids that
+    keep the range apart, and a table with a column per range method."""
+    cells = bm.act_cells(('W4A4', 'W2A4'), ('ours', 'literature'),
+                         ('minmax', 'shrink0.7', 'fisher'), ('multipoint', 'rtn'))
+    ids = [bm.cell_id(c) for c in cells]
+    assert len(ids) == len(set(ids)) == 2 * 2 * 2 * 3
+    assert 'multipoint_w2_b0.1_a4_activations.range=fisher_protocol=literature' in ids
+    assert 'rtn_w4_a4_activations.shrink=0.7_protocol=ours' in ids
+    assert bm.cell_id(bm.mpq('multipoint', 4, 0.05, activations=dict(bits=8))) == \
+        'multipoint_w4_b0.05_a8'                  # the sweep's W4A8 cells keep their ids
+    rows = [dict(detector='d', group='sweep', kind='fp', hook=None,
+                 metrics={'pascal_voc/mAP': 0.5, 'coco/bbox_mAP': 0.3})]
+    rows += [dict(detector='d', group='act', kind='mpq', hook=c['hook'],
+                  metrics={'pascal_voc/mAP': 0.4, 'coco/bbox_mAP': 0.1 + 0.01 * i})
+             for i, c in enumerate(cells)]
+    md = bm.act_markdown(rows)
+    lines = md.splitlines()
+    assert '| minmax | shrink0.7 | fisher |' in lines[2] and 'simulated' in lines[0]
+    assert len(lines) == 4 + 2 * 2 * 2                    # a row per setting x protocol x method
+    assert '| d | literature | W2A4 b0.1 | multipoint | ' in md
+    assert '40.00 / 10.00 (-20.00)' in md                  # the first cell, against FP

@@ -13,6 +13,10 @@ The sweep (per detector):
   * W4A8 and W8A8 (activations=dict(bits=8), budget 0.05) for multipoint and rtn;
   * optimum-quanto qint2/qint4/qint8, weight-only, eager swap, its effective bits
     counted like ours (codes + stored scales and shifts; FP layers at 32).
+With --act SETTING..., instead of the sweep: FP and quantized activations, each
+setting (W4A4, W3A4, W2A4, W4A8) x --act-protocols x --act-ranges x --act-methods,
+written as DIR/act.md as well (A4 is simulated: onnxruntime has no 4-bit activation
+kernels).
 With --ablation, also: where the extra points go (output error, weight error, random;
 within each layer and across layers) at W3 b0.05 and W2 b0.1; every H form; and each
 accuracy lever switched off one at a time.
@@ -26,6 +30,7 @@ For big models: --bits 4 3, --num-images N (first N test images), --no-quanto.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import os.path as osp
 import sys
@@ -61,6 +66,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--num-images', type=int, help='only the first N test images')
     p.add_argument('--no-quanto', action='store_true')
     p.add_argument('--no-activations', action='store_true', help='skip W4A8/W8A8')
+    p.add_argument('--act', nargs='+', default=[], metavar='SETTING',
+                   help='quantized activations instead of the sweep: settings among '
+                        'W4A4 W3A4 W2A4 W4A8 (see --act-*)')
+    p.add_argument('--act-protocols', nargs='+', default=['ours', 'literature'],
+                   choices=['ours', 'literature'])
+    p.add_argument('--act-ranges', nargs='+', default=['minmax', 'shrink0.7', 'mse', 'fisher'],
+                   help='range methods: minmax shrink0.7 shrink0.5 mse fisher')
+    p.add_argument('--act-methods', nargs='+', default=['multipoint'],
+                   choices=['multipoint', 'rtn', 'mse'], help='weight methods')
+    p.add_argument('--act-hook', nargs='*', default=[], metavar='KEY=VALUE',
+                   help="more hook arguments of every --act cell, VALUE a Python literal, "
+                        "e.g. \"stats={'sequential': True}\"")
     p.add_argument('--ablation', action='store_true')
     p.add_argument('--only-ablation', action='store_true')
     p.add_argument('--threads', type=int, default=1, help='torch intra-op threads')
@@ -171,8 +188,14 @@ def main(argv=None) -> int:
     else:
         jobs = [(d, our_cfg(d), osp.join(ROOT, f'data/checkpoints/{d}.pth'))
                 for d in a.detectors]
-    cells = [] if a.only_ablation else bm.sweep_cells(
-        a.bits, a.budgets, a.methods, not a.no_activations, () if a.no_quanto else bm.QUANTO)
+    if a.act:
+        more = {k: ast.literal_eval(v) for k, v in (kv.split('=', 1) for kv in a.act_hook)}
+        cells = [dict(kind='fp', group='sweep')] + bm.act_cells(
+            a.act, a.act_protocols, a.act_ranges, a.act_methods, **more)
+    else:
+        cells = [] if a.only_ablation else bm.sweep_cells(
+            a.bits, a.budgets, a.methods, not a.no_activations,
+            () if a.no_quanto else bm.QUANTO)
     if a.ablation or a.only_ablation:
         cells += bm.ablation_cells(LEVERS)
     os.makedirs(a.out, exist_ok=True)
@@ -194,6 +217,11 @@ def main(argv=None) -> int:
     with open(osp.join(a.out, 'results.md'), 'w') as f:
         f.write(md)
     print(md)
+    act = bm.act_markdown(rows)
+    if act:
+        with open(osp.join(a.out, 'act.md'), 'w') as f:
+            f.write(act)
+        print(act)
     for path in bm.plot_results(rows, a.out):
         print('wrote', path)
     if a.summary:
