@@ -432,7 +432,8 @@ def choose_act_ranges(plans: list[LayerPlan], stats: dict[str, LayerStats],
 
     The layer that reads the image (``image_layer``) keeps its min/max range at 8
     bits: an 8-bit grid holds the normalized 8-bit image. A layer that no gradient
-    reached gets the ``'mse'`` range under ``'fisher'``.
+    reached (or every layer, without ``weighted``) gets the ``'mse'`` range under
+    ``'fisher'``.
     """
     gen = torch.Generator().manual_seed(0)
     out = {}
@@ -454,7 +455,8 @@ def choose_act_ranges(plans: list[LayerPlan], stats: dict[str, LayerStats],
             lo, hi = search_range(x, lo, hi, bits, weight=g2)
         elif method in ('mse', 'fisher'):
             lo, hi = search_range(_capped(ls.values, gen), lo, hi, bits)
-            method = 'mse' if method == 'mse' else 'mse (no gradient)'
+            method = 'mse' if method == 'mse' else \
+                'mse (no gradient)' if weighted is not None else 'mse (no backward)'
         out[p.name] = ActRange(bits, float(lo), float(hi), method)
     return out
 
@@ -470,7 +472,8 @@ def calibrate_layers(model: nn.Module, plans: list[LayerPlan],
 
     ``calibrate(model, None)`` runs the calibration batches; ``collector``: keyword
     arguments of ``StatsCollector``. With ``acts``: ``acts.range='fisher'`` runs
-    ``backward`` once (``sensitivity_samples``); ``acts.fit`` other than 'float'
+    ``backward`` once (``sensitivity_samples``; without it every layer gets the
+    'mse' range, and the report says so); ``acts.fit`` other than 'float'
     runs the batches once more, for H on the inputs through the chosen ranges.
     """
     col = StatsCollector(plans, act_values=ACT_VALUES_PER_CALL if acts else 0,
@@ -483,11 +486,7 @@ def calibrate_layers(model: nn.Module, plans: list[LayerPlan],
     if acts is None:
         return col.stats, {}, image
     weighted = None
-    if acts.range == 'fisher':
-        if backward is None:
-            raise ValueError("activations.range='fisher' needs a backward function that "
-                             'backpropagates the outputs whose error matters (the hook '
-                             "provides the detector's scores)")
+    if acts.range == 'fisher' and backward is not None:
         weighted = sensitivity_samples(model, plans, backward, collector.get('seed', 0))
     ranges = choose_act_ranges(plans, col.stats, acts, image, weighted)
     for ls in col.stats.values():

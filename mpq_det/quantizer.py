@@ -270,7 +270,8 @@ class MultipointQuantizer:
 
         ``calibrate(m, reference)`` runs every calibration batch through ``m``
         (through ``reference`` first when it is not None: the passes of sequential
-        statistics). ``backward(m)``, needed by ``activations.range='fisher'``: runs
+        statistics). ``backward(m)``, for ``activations.range='fisher'`` (without
+        it, the ranges fall back to 'mse' and a warning says so): runs
         the calibration batches with inputs that require grad and backpropagates a
         random projection of the outputs whose error matters
         (``model_pass.sensitivity_samples``). Returns (result, plans, skipped)."""
@@ -280,6 +281,9 @@ class MultipointQuantizer:
                                                 self.protocol_layer_bits(model))
         for g in unmatched:
             logger.warning(f'MultipointQuantizer: skip/layer_bits glob {g!r} matches no layer')
+        if self.acts is not None and self.acts.range == 'fisher' and backward is None:
+            logger.warning("MultipointQuantizer: activations.range='fisher' needs a backward "
+                           "function (quantize(..., backward=...)); the ranges are 'mse'")
         sequential = self.stats['sequential']
         logger.info(f'MultipointQuantizer: calibrating {len(plans)} layers on {what}'
                     + (' (sequential statistics)' if sequential else ''))

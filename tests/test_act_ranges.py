@@ -182,15 +182,15 @@ def test_bad_activation_arguments_are_named():
         MultipointQuantizer(activations=dict(bits=4, fit='both'))
     with pytest.raises(ValueError, match='protocol'):
         MultipointQuantizer(protocol='qdrop')
-    with pytest.raises(ValueError, match='backward'):
-        quantize_tiny_without_backward()
 
 
-def quantize_tiny_without_backward():
+def test_fisher_without_backward_falls_back_to_mse(caplog):
     model = Tiny().eval()
-    x = torch.randn(2, 3, 16, 16)
-    MultipointQuantizer(activations=dict(bits=4, range='fisher')).quantize(
+    x = torch.randn(2, 3, 16, 16, generator=gen(8))
+    res, _, _ = MultipointQuantizer(activations=dict(bits=4, range='fisher')).quantize(
         model, calibrate_on([x]))
+    assert 'backward' in caplog.text
+    assert {r['act_method'] for r in res.layers} == {'minmax', 'mse (no backward)'}
 
 
 def test_act_settings_bits_of():
