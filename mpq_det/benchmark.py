@@ -84,7 +84,8 @@ def sweep_cells(bits: Iterable[int] = BITS, budgets: Iterable[float] = BUDGETS,
 # methods by name (the activations group's keys besides bits)
 ACT_SETTINGS = {'W4A4': (4, 4, 0.05), 'W3A4': (3, 4, 0.05), 'W2A4': (2, 4, 0.1),
                 'W4A8': (4, 8, 0.05)}
-ACT_RANGES = {'minmax': {}, 'shrink0.7': dict(shrink=0.7), 'shrink0.5': dict(shrink=0.5),
+ACT_RANGES = {'minmax': dict(range='minmax'), 'shrink0.7': dict(range='minmax', shrink=0.7),
+              'shrink0.5': dict(range='minmax', shrink=0.5),
               'mse': dict(range='mse'), 'fisher': dict(range='fisher')}
 PROTOCOLS = ('ours', 'literature')
 

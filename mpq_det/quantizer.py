@@ -123,7 +123,7 @@ GROUPS: dict[str, dict[str, tuple[Any, Callable[[str, Any], Any]]]] = {
                      order=(True, _flag)),
     'stats': dict(form=(DEFAULT_FORM, _choice(tuple(FORMS))),
                   sequential=(False, _choice(SEQUENTIAL))),
-    'activations': dict(bits=(8, _bits), range=('minmax', _choice(RANGES)),
+    'activations': dict(bits=(8, _bits), range=('fisher', _choice(RANGES)),
                         shrink=(1.0, lambda n, v: check_factor(v, n)), layer_bits=({}, _glob_bits),
                         image_bits=(8, _bits_or_none), fit=('float', _choice(ACT_FITS))),
     'calib': dict(split=('train', _choice(SPLITS)), num_images=(32, _positive_int),
@@ -281,7 +281,8 @@ class MultipointQuantizer:
                                                 self.protocol_layer_bits(model))
         for g in unmatched:
             logger.warning(f'MultipointQuantizer: skip/layer_bits glob {g!r} matches no layer')
-        if self.acts is not None and self.acts.range == 'fisher' and backward is None:
+        if self.acts is not None and self.acts.range == 'fisher' and backward is None \
+                and self.acts.bits < 8:
             logger.warning("MultipointQuantizer: activations.range='fisher' needs a backward "
                            "function (quantize(..., backward=...)); the ranges are 'mse'")
         sequential = self.stats['sequential']

@@ -154,9 +154,9 @@ def test_per_layer_act_bits_reach_the_modules_and_the_report():
 
 @pytest.mark.parametrize('method', ['mse', 'fisher'])
 def test_range_methods_clip_and_shrink_scales_minmax(method):
-    m0, _ = quantize_tiny(bits=4)
+    m0, _ = quantize_tiny(bits=4, range='minmax')
     m1, res = quantize_tiny(bits=4, range=method)
-    m2, _ = quantize_tiny(bits=4, shrink=0.5)
+    m2, _ = quantize_tiny(bits=4, range='minmax', shrink=0.5)
     r0 = {n: l.act_range for n, l in qlayers(m0).items()}
     r1 = {n: l.act_range for n, l in qlayers(m1).items()}
     r2 = {n: l.act_range for n, l in qlayers(m2).items()}
@@ -203,9 +203,24 @@ def test_act_settings_bits_of():
 def test_fit_on_quantized_inputs_changes_the_weights(fit):
     """H (and with 'target' the cross term) from the inputs through the chosen
     ranges: the weights differ from those fitted to the float inputs."""
-    m0, _ = quantize_tiny(bits=4, shrink=0.5)
-    m1, _ = quantize_tiny(bits=4, shrink=0.5, fit=fit)
+    m0, _ = quantize_tiny(bits=4, range='minmax', shrink=0.5)
+    m1, _ = quantize_tiny(bits=4, range='minmax', shrink=0.5, fit=fit)
     w0 = {n: l.quantized_weight().dequantize() for n, l in qlayers(m0).items()}
     w1 = {n: l.quantized_weight().dequantize() for n, l in qlayers(m1).items()}
     changed = [n for n in w0 if not torch.equal(w0[n], w1[n])]
     assert 'backbone.2' in changed, changed
+
+
+def test_8_bit_inputs_keep_minmax_and_need_no_backward():
+    """The range method applies below 8 bits: W*A8 keeps the min/max ranges the int8
+    graph was validated with, and runs no backward pass."""
+    calls = []
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    x = torch.randn(4, 3, 16, 16, generator=gen(9))
+    res, _, _ = MultipointQuantizer(bits=4, activations=dict(bits=8)).quantize(
+        model, calibrate_on([x]), backward=lambda m: calls.append(1))
+    assert not calls and {r['act_method'] for r in res.layers} == {'minmax'}
+    model, res = quantize_tiny(bits=4, layer_bits={'neck.*': 8})
+    methods = {r['name']: r['act_method'] for r in res.layers}
+    assert methods['neck.0'] == 'minmax' and methods['backbone.2'] == 'fisher'

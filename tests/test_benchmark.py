@@ -101,7 +101,7 @@ def test_act_cells_ids_and_table():
     ids = [bm.cell_id(c) for c in cells]
     assert len(ids) == len(set(ids)) == 2 * 2 * 2 * 3
     assert 'multipoint_w2_b0.1_a4_activations.range=fisher_protocol=literature' in ids
-    assert 'rtn_w4_a4_activations.shrink=0.7_protocol=ours' in ids
+    assert 'rtn_w4_a4_activations.range=minmax_activations.shrink=0.7_protocol=ours' in ids
     assert bm.cell_id(bm.mpq('multipoint', 4, 0.05, activations=dict(bits=8))) == \
         'multipoint_w4_b0.05_a8'                  # the sweep's W4A8 cells keep their ids
     rows = [dict(detector='d', group='sweep', kind='fp', hook=None,
