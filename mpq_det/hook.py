@@ -17,6 +17,7 @@ from mmengine.runner.loops import BaseLoop
 from mmdet.registry import HOOKS
 
 from .calibration import build_calib_loader, run_calibration
+from .sensitivity import score_backward
 from .model_pass import QUANTIZABLE, QuantResult, summarize
 from .qstate import apply_quantized_state, quantized_state
 from .quantizer import MultipointQuantizer
@@ -52,13 +53,14 @@ class MultipointQuantHook(Hook):
     a table per group)::
 
         bits=4, method='multipoint', budget=0.05, allocation='global', max_points=4,
-        grid='symmetric', target='lowbit',
+        grid='full', target='int8',
         components=None, skip=(), layer_bits=None,
         points=dict(budget_on='both', rank_by='output', scales=None),  # None: target's
         feedback=dict(points=4, mode='joint', order=True),     # None: off
         stats=dict(form='lowrank', sequential=False),
         bias_correction=False,
-        activations=None,                                       # dict(bits=8): W*A8
+        activations=None,        # dict(bits=8): W*A8; dict(bits=4, range='fisher', ...)
+        protocol='ours',         # 'literature': heads FP, the first conv at 8 bits
         calib=dict(split='train', num_images=32, batch_size=4, seed=0),
 
     plus ``export`` (write the quantized checkpoint there) and ``report`` (the
@@ -81,7 +83,6 @@ class MultipointQuantHook(Hook):
             hints = ''.join(f'; {k} is now {MOVED[k]}' for k in sorted(unknown) if k in MOVED)
             raise ValueError(f'MultipointQuantHook got unknown argument(s) {sorted(unknown)}; '
                              f'allowed: {(*allowed, "export", "report")}{hints}')
-        kwargs = dict(kwargs, points={k: v for k, v in kwargs['points'].items() if k != 'scales'}) if isinstance(kwargs.get('points'), dict) else kwargs
         self.quantizer = MultipointQuantizer(**kwargs)
         if export is not None and not isinstance(export, str):
             raise ValueError(f'export={export!r} must be a file path or None')
@@ -108,6 +109,28 @@ class MultipointQuantHook(Hook):
             if s.method == 'ocs' and getattr(p.module, 'groups', 1) != 1:
                 notes.add(f'{p.name}: OCS cannot split a grouped conv; quantized with rtn')
         return sorted(notes)
+
+    @staticmethod
+    def _act_notes(result: QuantResult) -> list[str]:
+        """What the report says about the quantized inputs: the layer that reads the
+        image and its bits, and that inputs below 8 bits are simulated only."""
+        rows = [r for r in result.layers if r.get('act_bits') is not None]
+        if not rows:
+            return []
+        notes = []
+        image = next((r for r in rows if r['name'] == result.summary.get('image_layer')),
+                     None)
+        if image is not None:
+            notes.append(f"{image['name']} reads the image: its input at "
+                         f"{image['act_bits']} bits, range {image['act_method']} "
+                         f"(activations.image_bits)")
+        low = sorted({r['act_bits'] for r in rows if r['act_bits'] < 8})
+        if low:
+            methods = sorted({r['act_method'] for r in rows})
+            notes.append(f"inputs at {'/'.join(map(str, low))} bits are simulated (fake "
+                         f"quantization; onnxruntime has no kernels for them, tools/deploy.py "
+                         f"keeps such layers float); ranges: {', '.join(methods)}")
+        return notes
 
     def _plot(self, work_dir: str, logger) -> None:
         """mpq_report.png next to the JSON; a plotting failure only warns, since the
@@ -170,9 +193,10 @@ class MultipointQuantHook(Hook):
             loader = build_calib_loader(runner.cfg, **q.calib)
             result, plans, skipped = q.quantize(
                 model, lambda m, ref: run_calibration(m, loader, reference=ref),
-                f'{len(loader.dataset)} {q.calib["split"]} images', logger)
+                f'{len(loader.dataset)} {q.calib["split"]} images', logger,
+                backward=score_backward(loader, q.calib['seed']))
             result.skipped = skipped
-            result.summary['notes'] = self._notes(plans)
+            result.summary['notes'] = self._notes(plans) + self._act_notes(result)
             result.summary.update(summarize(result, model, plans))
             result.summary['calib_and_quant_time_s'] = time.perf_counter() - t0
             result.summary['settings'] = self.settings()

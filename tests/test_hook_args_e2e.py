@@ -109,8 +109,13 @@ def test_activations(base_cfg, inputs, fp_raw, tmp_path):
         _, m, rep = run(base_cfg, tmp_path, f'a{a}', bits=8, budget=0.0,
                         activations=dict(bits=a))
         q = qlayers(m)
-        assert q and all(l.act_bits == a and float(l.act_scale) > 0 for l in q.values())
-        assert rep['summary']['settings']['activations'] == dict(bits=a)
+        # the first conv reads the image: its input stays at 8 bits (activations.image_bits)
+        assert q and all(l.act_bits == (8 if n == 'backbone.conv1' else a)
+                         and float(l.act_scale) > 0 for n, l in q.items())
+        assert rep['summary']['settings']['activations']['bits'] == a
+        assert rep['summary']['image_layer'] == 'backbone.conv1'
+        assert any('backbone.conv1 reads the image: its input at 8 bits' in n
+                   for n in rep['summary']['notes'])
         errs[a] = rel_err(m, ref, inputs)
     print(f'activations: raw-output max rel diff vs weight-only W8: {errs}; '
           f'W8 weight-only vs FP {max_rel_diff(ref, fp_raw):.2e}')
@@ -275,18 +280,27 @@ def test_sequential(base_cfg, fp_model, tmp_path):
 def test_point_scales_pow2(base_cfg, fp_model, tmp_path):
     """points.scales='pow2': every extra point is a power-of-two fraction of its
     channel's previous one, so the points merge into int8 rows (deployment runs them
-    at no extra compute); the budget is kept as with free scales."""
+    at no extra compute). On target lowbit the budget bounds every point's rows, as
+    with free scales; on int8 (whose default scales these are) the compute the int8
+    graph pays, so the points go where memory buys most and their rows exceed the
+    budget."""
     from mpq_det.deploy.qdq import merged_points
-    m, rep = quant(base_cfg, fp_model, tmp_path, 'pow2', bits=3, budget=0.05,
-                        points=dict(scales='pow2'))
-    assert rep['summary']['settings']['points']['scales'] == 'pow2'
-    extra = merged = 0
-    for layer in qlayers(m).values():
-        extra += int(layer.npoints.sum()) - layer.out_channels
-        merged += merged_points(layer)[1]
-    assert extra > 0 and merged >= 0.95 * extra, (merged, extra)
-    for k in ('memory_overhead', 'compute_overhead'):
-        assert rep['summary'][k] <= 0.05 + 1e-6
+    extras = {}
+    for target in ('lowbit', 'int8'):
+        m, rep = quant(base_cfg, fp_model, tmp_path, f'pow2_{target}', bits=3,
+                       budget=0.05, points=dict(scales='pow2'), target=target)
+        s = rep['summary']
+        assert s['settings']['points']['scales'] == 'pow2'
+        extra = merged = 0
+        for layer in qlayers(m).values():
+            extra += int(layer.npoints.sum()) - layer.out_channels
+            merged += merged_points(layer)[1]
+        assert extra > 0 and merged >= 0.95 * extra, (merged, extra)
+        compute = 'compute_overhead' if target == 'lowbit' else 'compute_overhead_deployed'
+        for k in ('memory_overhead', compute):
+            assert s[k] <= 0.05 + 1e-6, (target, k, s[k])
+        extras[target] = s['compute_overhead']
+    assert extras['int8'] > 0.05, extras
     with pytest.raises(ValueError, match='points.scales'):
         quant(base_cfg, fp_model, tmp_path, 'pow2_bad', points=dict(scales='int8'))
 
@@ -302,15 +316,25 @@ LEVER_FLIPS = {
     'feedback.order': dict(feedback=dict(order=False)),
     'points.budget_on': dict(points=dict(budget_on='memory')),
     'points.rank_by': dict(points=dict(rank_by='weight')),
-    'points.scales': dict(points=dict(scales='pow2')),
+    'points.scales': dict(points=dict(scales='free')),
     'stats.form': dict(stats=dict(form='diag')),
     'stats.sequential': dict(stats=dict(sequential='components')),
     'bias_correction': dict(bias_correction=True),
     'allocation': dict(allocation='layer'),
     'max_points': dict(max_points=2),
     'activations': dict(activations=dict(bits=8)),
+    'protocol': dict(protocol='literature'),
+    # the activations group's keys, each flipped against activations=dict(bits=4)
+    'activations.range': dict(activations=dict(bits=4, range='minmax')),
+    'activations.shrink': dict(activations=dict(bits=4, range='minmax', shrink=0.7)),
+    'activations.layer_bits': dict(activations=dict(bits=4, layer_bits={'neck.*': 6})),
+    'activations.image_bits': dict(activations=dict(bits=4, image_bits=None)),
+    'activations.fit': dict(activations=dict(bits=4, fit='quantized')),
+    'grid': dict(grid='symmetric'),
+    'target': dict(target='lowbit'),
 }
 LEVER_RUN = dict(bits=2, budget=0.1)
+ACT_BASE = dict(activations=dict(bits=4))
 
 
 def layer_state(model) -> dict:
@@ -336,6 +360,14 @@ def lever_default(base_cfg, fp_model, tmp_path_factory):
     return layer_state(m), rep
 
 
+@pytest.fixture(scope='module')
+def lever_act_default(base_cfg, fp_model, tmp_path_factory):
+    """The defaults with 4-bit inputs: what a flip of an activations key changes."""
+    m, rep = quant(base_cfg, fp_model, tmp_path_factory.mktemp('lever_act'), **LEVER_RUN,
+                   **ACT_BASE)
+    return layer_state(m), rep
+
+
 def test_the_defaults_run_twice_alike(base_cfg, fp_model, lever_default, tmp_path):
     """Without this, a flip could differ from the default by chance alone."""
     m, _ = quant(base_cfg, fp_model, tmp_path, **LEVER_RUN)
@@ -343,7 +375,7 @@ def test_the_defaults_run_twice_alike(base_cfg, fp_model, lever_default, tmp_pat
 
 
 @pytest.mark.parametrize('lever', list(LEVER_FLIPS))
-def test_every_lever_reaches_the_quantized_layers(base_cfg, fp_model, lever_default,
+def test_every_lever_reaches_the_quantized_layers(base_cfg, fp_model, request,
                                                   tmp_path, lever):
     m, rep = quant(base_cfg, fp_model, tmp_path, **LEVER_RUN, **LEVER_FLIPS[lever])
     group, _, key = lever.partition('.')
@@ -351,9 +383,13 @@ def test_every_lever_reaches_the_quantized_layers(base_cfg, fp_model, lever_defa
     flip = LEVER_FLIPS[lever][group]
     settings = rep['summary']['settings']
     stored = settings[group] if group in settings else settings['base'][group]
+    if isinstance(stored, dict) and isinstance(flip, dict) and not key:
+        stored = {k: stored[k] for k in flip}     # a group: the keys given, defaults aside
     assert stored == flip or (key and stored[key] == flip[key]), (lever, stored)
-    # ... and the layers show it
-    assert not same_layers(layer_state(m), lever_default[0]), lever
+    # ... and the layers show it (an activations key: against 4-bit inputs' defaults)
+    base = request.getfixturevalue('lever_act_default' if group == 'activations' and key
+                                   else 'lever_default')
+    assert not same_layers(layer_state(m), base[0]), lever
 
 
 def test_error_feedback_lowers_the_output_error(base_cfg, fp_model, lever_default,
