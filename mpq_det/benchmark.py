@@ -86,7 +86,9 @@ ACT_SETTINGS = {'W4A4': (4, 4, 0.05), 'W3A4': (3, 4, 0.05), 'W2A4': (2, 4, 0.1),
                 'W4A8': (4, 8, 0.05)}
 ACT_RANGES = {'minmax': dict(range='minmax'), 'shrink0.7': dict(range='minmax', shrink=0.7),
               'shrink0.5': dict(range='minmax', shrink=0.5),
-              'mse': dict(range='mse'), 'fisher': dict(range='fisher')}
+              'mse': dict(range='mse'), 'fisher': dict(range='fisher'),
+              # the weights fitted to the inputs through the chosen ranges (ablation)
+              'fisher_fitq': dict(range='fisher', fit='quantized')}
 PROTOCOLS = ('ours', 'literature')
 
 
