@@ -169,7 +169,7 @@ class MultipointQuantizer:
                  stats: dict | None = DEFAULTS['stats'], bias_correction: bool = False,
                  activations: dict | None = DEFAULTS['activations'],
                  calib: dict | None = DEFAULTS['calib'], grid: str = 'full',
-                 target: str = 'lowbit', protocol: str = 'ours') -> None:
+                 target: str = 'int8', protocol: str = 'ours') -> None:
         self.base = QuantSettings(bits, method, budget, allocation, max_points)
         self.grid = _choice(GRIDS)('grid', grid)
         self.target = _choice(TARGETS)('target', target)

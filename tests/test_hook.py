@@ -125,9 +125,10 @@ def test_budget_is_spent_and_rtn_says_budget_ignored(runner, tmp_path):
     r = fresh_runner(runner, tmp_path)
     MultipointQuantHook(bits=3, budget=0.1, calib=dict(num_images=4, batch_size=2)).before_test(r)
     s = json.load(open(osp.join(tmp_path, 'mpq_report.json')))['summary']
-    # default budget_on='both': both overheads within the budget, the binding one spent
-    assert s['memory_overhead'] <= 0.1 and s['compute_overhead'] <= 0.1 + 1e-6
-    assert max(s['memory_overhead'], s['compute_overhead']) >= 0.09
+    # default budget_on='both' on target int8: memory and the compute the int8 graph
+    # pays (merged points none) within the budget, the binding one spent
+    assert s['memory_overhead'] <= 0.1 and s['compute_overhead_deployed'] <= 0.1 + 1e-6
+    assert max(s['memory_overhead'], s['compute_overhead_deployed']) >= 0.09
     r = fresh_runner(runner, tmp_path)
     MultipointQuantHook(bits=3, budget=0.1, points=dict(budget_on='memory'),
                         calib=dict(num_images=4, batch_size=2)).before_test(r)
@@ -237,7 +238,9 @@ def test_lever_arguments_are_checked(kw, name):
 
 def test_lever_settings_are_stored():
     s = MultipointQuantHook(points=dict(budget_on='memory'), feedback=None).settings()
-    assert s['points'] == dict(budget_on='memory', rank_by='output', scales='free')
+    # the point scales come from the target (int8 by default: power-of-two)
+    assert s['points'] == dict(budget_on='memory', rank_by='output', scales='pow2')
+    assert s['grid'] == 'full' and s['target'] == 'int8'
     assert s['feedback'] is None and s['bias_correction'] is False
     # a group given in part keeps the defaults of its other keys
     s = MultipointQuantHook(feedback=dict(mode='first')).settings()
