@@ -260,3 +260,13 @@ def test_deploy_runs_4_bit_inputs_as_pytorch_does(tmp_path):
     from test_deploy import compare
     model, _, path, _ = deployed_with_a_4_bit_input(tmp_path)
     assert compare(model, path) < 0.04
+
+
+def test_fisher_ranges_follow_the_gradients():
+    """'fisher' weighs each input by the squared gradient that reaches it: its ranges
+    are not the plain MSE ones."""
+    _, r_mse = quantize_tiny(bits=4, range='mse')
+    _, r_fisher = quantize_tiny(bits=4, range='fisher')
+    mse = {r['name']: r['act_range'] for r in r_mse.layers}
+    fisher = {r['name']: r['act_range'] for r in r_fisher.layers}
+    assert any(fisher[n] != mse[n] for n in mse if n != 'backbone.0')
