@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mpq_det import MultipointQuantizer
-from mpq_det.model_pass import ActSettings
+from mpq_det.model_pass import ActSettings, LayerStats, choose_act_ranges
 from mpq_det.modules import QConv2d, QLinear
 from mpq_det.quant.act_ranges import (DEFAULT_FACTORS, clip_candidates, fake_quant,
                                       quantize_to_range, random_projection, range_errors,
@@ -270,3 +270,19 @@ def test_fisher_ranges_follow_the_gradients():
     mse = {r['name']: r['act_range'] for r in r_mse.layers}
     fisher = {r['name']: r['act_range'] for r in r_fisher.layers}
     assert any(fisher[n] != mse[n] for n in mse if n != 'backbone.0')
+
+
+def test_choose_act_ranges_weights_each_value_by_its_gradient():
+    """On the same sample, 'fisher' with weight on the tail keeps more of the tail than
+    with uniform weights (its MSE range): the squared gradients reach the search."""
+    from types import SimpleNamespace
+    x = heavy_tailed()
+    stats = {'a': LayerStats(None, float(x.min()), float(x.max()), [x], calls=1)}
+    plans = [SimpleNamespace(name='a')]
+    acts = ActSettings(bits=4, range='fisher')
+    tail = (x > torch.quantile(x, 0.99)).float() * 50 + 1
+    r_tail = choose_act_ranges(plans, stats, acts, None, {'a': (x, tail)})['a']
+    r_flat = choose_act_ranges(plans, stats, acts, None, {'a': (x, torch.ones_like(x))})['a']
+    r_mse = choose_act_ranges(plans, stats, ActSettings(bits=4, range='mse'))['a']
+    assert (r_flat.lo, r_flat.hi) == (r_mse.lo, r_mse.hi)
+    assert r_tail.hi > r_flat.hi and r_tail.method == 'fisher'

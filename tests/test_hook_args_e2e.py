@@ -329,17 +329,18 @@ LEVER_FLIPS = {
     'max_points': dict(max_points=2),
     'activations': dict(activations=dict(bits=8)),
     'protocol': dict(protocol='literature'),
-    # the activations group's keys, each flipped against activations=dict(bits=4)
-    'activations.range': dict(activations=dict(bits=4, range='minmax')),
+    # the activations group's keys, each flipped against ACT_BASE (one key apart)
+    'activations.range': dict(activations=dict(bits=4, range='fisher')),
     'activations.shrink': dict(activations=dict(bits=4, range='minmax', shrink=0.7)),
-    'activations.layer_bits': dict(activations=dict(bits=4, layer_bits={'neck.*': 6})),
-    'activations.image_bits': dict(activations=dict(bits=4, image_bits=None)),
-    'activations.fit': dict(activations=dict(bits=4, fit='quantized')),
+    'activations.layer_bits': dict(activations=dict(bits=4, range='minmax',
+                                                    layer_bits={'neck.*': 6})),
+    'activations.image_bits': dict(activations=dict(bits=4, range='minmax', image_bits=None)),
+    'activations.fit': dict(activations=dict(bits=4, range='minmax', fit='quantized')),
     'grid': dict(grid='symmetric'),
     'target': dict(target='lowbit'),
 }
 LEVER_RUN = dict(bits=2, budget=0.1)
-ACT_BASE = dict(activations=dict(bits=4))
+ACT_BASE = dict(activations=dict(bits=4, range='minmax'))
 
 
 def layer_state(model) -> dict:
@@ -367,7 +368,7 @@ def lever_default(base_cfg, fp_model, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def lever_act_default(base_cfg, fp_model, tmp_path_factory):
-    """The defaults with 4-bit inputs: what a flip of an activations key changes."""
+    """4-bit inputs with min/max ranges: what a flip of an activations key changes."""
     m, rep = quant(base_cfg, fp_model, tmp_path_factory.mktemp('lever_act'), **LEVER_RUN,
                    **ACT_BASE)
     return layer_state(m), rep
@@ -391,7 +392,7 @@ def test_every_lever_reaches_the_quantized_layers(base_cfg, fp_model, request,
     if isinstance(stored, dict) and isinstance(flip, dict) and not key:
         stored = {k: stored[k] for k in flip}     # a group: the keys given, defaults aside
     assert stored == flip or (key and stored[key] == flip[key]), (lever, stored)
-    # ... and the layers show it (an activations key: against 4-bit inputs' defaults)
+    # ... and the layers show it (an activations key: against ACT_BASE)
     base = request.getfixturevalue('lever_act_default' if group == 'activations' and key
                                    else 'lever_default')
     assert not same_layers(layer_state(m), base[0]), lever
