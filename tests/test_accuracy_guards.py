@@ -135,8 +135,7 @@ def S(synth_data, tmp_path_factory):
     return lambda det, run, onnx=None: score(det, run, synth_data, wd, onnx)
 
 
-@pytest.mark.parametrize('det', DETECTORS)
-def test_runs_use_the_pinned_bits_and_budget(S, det):
+def check_runs_use_the_pinned_bits_and_budget(S, det: str) -> None:
     for run in RUNS_OF[det]:
         over = RUNS[run]
         if over is None or over.get('protocol') == 'literature':
@@ -154,8 +153,7 @@ def test_runs_use_the_pinned_bits_and_budget(S, det):
             assert max(mem, mac) > 0.8 * over['budget'], run
 
 
-@pytest.mark.parametrize('det', DETECTORS)
-def test_w4_stays_near_fp(S, det):
+def check_w4_stays_near_fp(S, det: str) -> None:
     fp, q = S(det, 'fp'), S(det, 'mp_w4')
     lim = W4_MAX_LOSS[det]
     assert fp['voc'] - q['voc'] <= lim[0] and fp['coco'] - q['coco'] <= lim[1]
@@ -163,15 +161,13 @@ def test_w4_stays_near_fp(S, det):
     assert (fp['voc'], fp['coco']) != (q['voc'], q['coco'])
 
 
-@pytest.mark.parametrize('det', DETECTORS)
-def test_w3_beats_rtn(S, det):
+def check_w3_beats_rtn(S, det: str) -> None:
     mp, rtn = S(det, 'mp_w3'), S(det, 'rtn_w3')
     lim = W3_MIN_GAIN[det]
     assert mp['voc'] - rtn['voc'] >= lim[0] and mp['coco'] - rtn['coco'] >= lim[1]
 
 
-@pytest.mark.parametrize('det', [d for d in DETECTORS if 'rtn_w2' in RUNS_OF[d]])
-def test_w2_points_beat_one_point_beats_rtn(S, det):
+def check_w2_points_beat_one_point_beats_rtn(S, det: str) -> None:
     b10, b0, rtn = S(det, 'mp_w2_b10'), S(det, 'mp_w2_b0'), S(det, 'rtn_w2')
     lim = W2_MIN_GAIN[det]
     assert b10['coco'] - b0['coco'] >= lim['points'][0]
@@ -229,3 +225,22 @@ def test_w4a4_literature_protocol_stays_near_fp(S):
     assert {r['act_method'] for r in layers.values()} == {'fisher'}
     assert fp['voc'] - q['voc'] <= W4A4_LIT_MAX_LOSS[0]
     assert fp['coco'] - q['coco'] <= W4A4_LIT_MAX_LOSS[1]
+
+
+# RetinaNet's guards. Faster R-CNN's are in test_accuracy_guards_two_stage.py, a file
+# of its own so that the suite's two workers (one file each) run the detectors side by
+# side: together they were the suite's longest file.
+def test_runs_use_the_pinned_bits_and_budget(S):
+    check_runs_use_the_pinned_bits_and_budget(S, 'retinanet_r18q')
+
+
+def test_w4_stays_near_fp(S):
+    check_w4_stays_near_fp(S, 'retinanet_r18q')
+
+
+def test_w3_beats_rtn(S):
+    check_w3_beats_rtn(S, 'retinanet_r18q')
+
+
+def test_w2_points_beat_one_point_beats_rtn(S):
+    check_w2_points_beat_one_point_beats_rtn(S, 'retinanet_r18q')
