@@ -114,6 +114,9 @@ def test_activations(base_cfg, inputs, fp_raw, tmp_path):
                          and float(l.act_scale) > 0 for n, l in q.items())
         assert rep['summary']['settings']['activations']['bits'] == a
         assert rep['summary']['image_layer'] == 'backbone.conv1'
+        # below 8 bits the ranges come from the detector's score-space gradients
+        methods = {r['act_method'] for r in rep['layers'] if r['name'] != 'backbone.conv1'}
+        assert methods == ({'fisher'} if a < 8 else {'minmax'}), methods
         assert any('backbone.conv1 reads the image: its input at 8 bits' in n
                    for n in rep['summary']['notes'])
         errs[a] = rel_err(m, ref, inputs)
