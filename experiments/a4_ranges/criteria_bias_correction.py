@@ -11,18 +11,6 @@ torch.set_num_threads(1)
 det = sys.argv[1] if len(sys.argv) > 1 else 'retinanet_r18q'
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 500
 cfg, runner, fp = setup(det, N, '/tmp/probe500_' + det)
-LIT = dict(components=dict(head=None), layer_bits={'backbone.conv1': 8})
-def score(m, x):
-    cls, reg = m._forward(x)
-    out = []
-    for c, r in zip(cls, reg):
-        s = torch.sigmoid(c.detach())
-        out.append((c, s * (1 - s)))
-        A = r.shape[1] // 4
-        sm = s.reshape(s.shape[0], A, -1, *s.shape[2:]).amax(2)   # B A H W
-        out.append((r, sm.repeat_interleave(4, 1)))
-    return out
-F = tuple(round(1 - 0.05 * i, 2) for i in range(17))
 print(det, 'fp', ['%.2f' % v for v in evaluate(runner, copy.deepcopy(fp))], flush=True)
 for proto, kw in [('lit', LIT), ('ours', {})]:
     m0, res, tq = quantize(fp, cfg, bits=4, activations=dict(bits=4), **kw)

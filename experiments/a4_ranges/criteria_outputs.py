@@ -10,22 +10,11 @@ from probe import *
 torch.set_num_threads(1)
 det = sys.argv[1] if len(sys.argv) > 1 else 'retinanet_r18q'
 cfg, runner, fp = setup(det, 100, '/tmp/probe_' + det)
-LIT = dict(components=dict(head=None), layer_bits={'backbone.conv1': 8})
 def neck(m, x):
     return [(f, 1.0) for f in m.extract_feat(x)]
 def raw(m, x):
     cls, reg = m._forward(x)
     return [(t, 1.0) for t in cls + reg]
-def score(m, x):
-    cls, reg = m._forward(x)
-    out = []
-    for c, r in zip(cls, reg):
-        s = torch.sigmoid(c.detach())
-        out.append((c, s * (1 - s)))
-        A = r.shape[1] // 4
-        sm = s.reshape(s.shape[0], A, -1, *s.shape[2:]).amax(2)   # B A H W
-        out.append((r, sm.repeat_interleave(4, 1)))
-    return out
 for proto, kw, fns in [('lit', LIT, dict(neck=neck, score=score)), ('ours', {}, dict(score=score, raw=raw))]:
     m0, res, tq = quantize(fp, cfg, bits=4, activations=dict(bits=4), **kw)
     names = list(qlayers(m0))

@@ -238,3 +238,22 @@ def act_bias_correct(model, fp, cfg, names, weight_too=True):
         else:
             l.bias.data += shift
         l.invalidate_cache()
+
+
+# shared by the criteria prototypes: the literature's protocol, the candidate clip
+# factors, and the score-space outputs (sigmoid scores weighted by s(1-s), box deltas by
+# their prior's best score) whose error they weigh
+LIT = dict(components=dict(head=None), layer_bits={'backbone.conv1': 8})
+F = tuple(round(1 - 0.05 * i, 2) for i in range(17))
+
+
+def score(m, x):
+    cls, reg = m._forward(x)
+    out = []
+    for c, r in zip(cls, reg):
+        s = torch.sigmoid(c.detach())
+        out.append((c, s * (1 - s)))
+        A = r.shape[1] // 4
+        sm = s.reshape(s.shape[0], A, -1, *s.shape[2:]).amax(2)   # B A H W
+        out.append((r, sm.repeat_interleave(4, 1)))
+    return out
