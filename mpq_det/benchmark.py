@@ -62,9 +62,11 @@ def mpq(method: str, bits: int, budget: float = 0.0, group: str = 'sweep', **mor
 
 def sweep_cells(bits: Iterable[int] = BITS, budgets: Iterable[float] = BUDGETS,
                 methods: Iterable[str] = METHODS, activations: bool = True,
-                quanto: Iterable[str] = QUANTO) -> list[dict]:
+                quanto: Iterable[str] = QUANTO, targets: Iterable[str] = ()) -> list[dict]:
     """FP; rtn/mse at every bits; multipoint/ocs at every bits x budget; W4A8 and W8A8
-    (budget 0.05) for multipoint and rtn; quanto's weight types."""
+    (budget 0.05) for multipoint and rtn; quanto's weight types. ``targets``: further
+    deployment targets (besides the hook's default) of every multipoint cell with a
+    budget: the target only changes where extra points go."""
     cells = [dict(kind='fp', group='sweep')]
     for b in bits:
         for m in methods:
@@ -72,6 +74,8 @@ def sweep_cells(bits: Iterable[int] = BITS, budgets: Iterable[float] = BUDGETS,
                 cells.append(mpq(m, b))
             else:
                 cells += [mpq(m, b, bu) for bu in budgets if not (m == 'ocs' and bu == 0)]
+            if m == 'multipoint':
+                cells += [mpq(m, b, bu, target=t) for t in targets for bu in budgets if bu]
     if activations:
         for b in (4, 8):
             a8 = dict(activations=dict(bits=8))

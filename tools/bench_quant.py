@@ -35,9 +35,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mpq_det.quant import (DEFAULT_FORM, ExactH, HForm,  # noqa: E402
+from mpq_det.quant import (DEFAULT_FORM, GRIDS, ExactH, HForm,  # noqa: E402
                            InputStats, conv_patches, hform_from_dense, mse_qw,
                            multipoint_quantize, ocs, ocs_fold, random_hform, rtn_qw)
+from mpq_det.quantizer import TARGET_POINTS  # noqa: E402
 
 
 # ---------------------------------------------------------------- synthetic data
@@ -212,7 +213,8 @@ def feedback_for(H, d, taps, groups):
 
 
 def bench_time(form=DEFAULT_FORM, bits=4, budget=0.05, max_points=4, seed=0,
-               num_threads=1, feedback=False, budget_on='both', **form_opts):
+               num_threads=1, feedback=False, budget_on='both', grid='full',
+               target='int8', **form_opts):
     mods = retinanet_layers()
     Ws, Hs, fbs = [], [], []
     g = torch.Generator().manual_seed(seed)
@@ -233,14 +235,17 @@ def bench_time(form=DEFAULT_FORM, bits=4, budget=0.05, max_points=4, seed=0,
     t0 = time.perf_counter()
     qws, pss = multipoint_quantize(Ws, Hs, bits, budget, 'global', max_points,
                                    num_threads=num_threads, budget_on=budget_on,
-                                   feedbacks=fbs if feedback else None)
+                                   feedbacks=fbs if feedback else None,
+                                   grid=grid, target=target,
+                                   pow2=TARGET_POINTS[target]['scales'] == 'pow2')
     dt = time.perf_counter() - t0
     extra = sum(q.extra_points() * q.d for q in qws)
     computed = sum(int(p.computed.sum()) for p in pss)
     print(f'\n## Quantization time: retinanet_r50_fpn_1x_coco, {len(Ws)} layers, '
           f'{nparams / 1e6:.2f}M weights, bits={bits}, budget={budget} global, '
           f'max_points={max_points}, form={form} {form_opts or ""}, '
-          f'feedback={feedback}, budget_on={budget_on} (positions unknown: 1 per layer), '
+          f'feedback={feedback}, budget_on={budget_on}, grid={grid}, target={target} '
+          f'(positions unknown: 1 per layer), '
           f'threads={num_threads or torch.get_num_threads()}')
     print(f'rtn pass: {t_rtn:.2f} s; multipoint: {dt:.2f} s; points searched '
           f'{computed} for {sum(p.channels for p in pss)} channels; extra storage '
@@ -272,6 +277,11 @@ def main(argv=None):
                    help='time part: error feedback on (1, the hook default) or off (0); '
                         'feedback H built outside the timed pass')
     p.add_argument('--budget-on', default='both', choices=['memory', 'compute', 'both'])
+    p.add_argument('--grid', default='full', choices=GRIDS,
+                   help='code grid of the time part (the hook default: full)')
+    p.add_argument('--target', default='int8', choices=tuple(TARGET_POINTS),
+                   help='deployment target of the time part (the hook default: int8, '
+                        'so power-of-two point scales)')
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -302,7 +312,8 @@ def main(argv=None):
         opts = {k: int(v) for k, v in (o.split('=') for o in args.opt)}
         dt = bench_time(args.form, seed=args.seed,
                         num_threads=args.pass_threads or None,
-                        feedback=bool(args.feedback), budget_on=args.budget_on, **opts)
+                        feedback=bool(args.feedback), budget_on=args.budget_on,
+                        grid=args.grid, target=args.target, **opts)
         print(f'quantize_time_s={dt:.2f}')
 
 

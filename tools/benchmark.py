@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--methods', nargs='+', default=['rtn', 'mse', 'ocs', 'multipoint'])
     p.add_argument('--num-images', type=int, help='only the first N test images')
     p.add_argument('--no-quanto', action='store_true')
+    p.add_argument('--targets', nargs='*', default=['lowbit'], choices=['lowbit', 'int8'],
+                   help='deployment targets besides the hook default (int8) of the '
+                        'multipoint cells with a budget (none: just the default)')
     p.add_argument('--no-activations', action='store_true', help='skip W4A8/W8A8')
     p.add_argument('--act', nargs='+', default=[], metavar='SETTING',
                    help='quantized activations instead of the sweep: settings among '
@@ -108,7 +111,7 @@ NAMES = {'retinanet_r18q': 'RetinaNet', 'fcos_r18q': 'FCOS',
 
 def summary_markdown(rows: list, mets: list) -> str:
     """The headline table: per detector FP, then multipoint at W4/W3 (budget 0.05) and W2
-    (0.1), each with the best of rtn, mse and ocs at the same budget (by the last metric,
+    (0.1) at the hook's default target (and at target 'lowbit' where swept), each with the best of rtn, mse and ocs at the same budget (by the last metric,
     COCO mAP for ours) and quanto's qint4/qint2; cells are metrics x100 with the bits per
     weight in brackets. With the ablation's placement cells, a second table: the last
     metric with the extra points ranked by output error, weight error or at random, per
@@ -131,15 +134,17 @@ def summary_markdown(rows: list, mets: list) -> str:
             if r['detector'] != det or r['group'] != 'sweep' or (h and act_bits(h)):
                 continue
             got = dict(kind=r['kind'], quanto=r.get('quanto'), method=h.get('method'),
-                       bits=h.get('bits'), budget=h.get('budget'))
+                       bits=h.get('bits'), budget=h.get('budget'), target=h.get('target'))
+            want.setdefault('target', None)   # the hook's default target unless asked
             if all(got[k] == v for k, v in want.items()):
                 return r
         return None
 
     metric = ' / '.join(lab for _, lab in mets)
     out = [f'{metric} (x100), effective bits per weight in brackets', '',
-           '| detector | FP | W4: multipoint / best baseline / quanto qint4 | '
-           'W3: multipoint / best baseline | W2: multipoint / best baseline / quanto qint2 |',
+           '| detector | FP | W4: multipoint / lowbit / best baseline / quanto qint4 | '
+           'W3: multipoint / lowbit / best baseline | '
+           'W2: multipoint / lowbit / best baseline / quanto qint2 |',
            '|---|---|---|---|---|']
     dets = list(dict.fromkeys(r['detector'] for r in rows))
     for det in dets:
@@ -150,6 +155,10 @@ def summary_markdown(rows: list, mets: list) -> str:
                     for m in ('rtn', 'mse', 'ocs')]
             base = [(m, r) for m, r in base if r is not None and key in r['metrics']]
             parts = [cell(find(det, kind='mpq', method='multipoint', bits=bits, budget=budget))]
+            low = find(det, kind='mpq', method='multipoint', bits=bits, budget=budget,
+                       target='lowbit')
+            if low is not None:   # the same memory, target='lowbit' (free point scales)
+                parts.append(cell(low, 'lowbit'))
             if base:
                 m, r = max(base, key=lambda t: t[1]['metrics'][key])
                 parts.append(cell(r, m))
@@ -195,7 +204,7 @@ def main(argv=None) -> int:
     else:
         cells = [] if a.only_ablation else bm.sweep_cells(
             a.bits, a.budgets, a.methods, not a.no_activations,
-            () if a.no_quanto else bm.QUANTO)
+            () if a.no_quanto else bm.QUANTO, a.targets)
     if a.ablation or a.only_ablation:
         cells += bm.ablation_cells(LEVERS)
     os.makedirs(a.out, exist_ok=True)
