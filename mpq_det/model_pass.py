@@ -636,7 +636,10 @@ def _quantize_layers(plans: list[LayerPlan], stats: dict[str, LayerStats] | None
                 s.max_points, by=o.rank_points_by, seed=o.seed, positions=pos,
                 budget_on=o.budget_on, feedbacks=fbs, fb_points=o.feedback_points,
                 fb_mode=o.feedback_mode, pow2=o.point_scales == 'pow2', grid=o.grid,
-                target=o.target)
+                target=o.target,
+                # layers side by side on as many threads as torch has (the result is
+                # the same; OMP_NUM_THREADS=1 keeps the pass on one core)
+                num_threads=torch.get_num_threads())
         else:
             with torch_threads(1):   # as multipoint_quantize: one thread is fastest here
                 out, pss = zip(*[quantize_points(

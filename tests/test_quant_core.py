@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpq_det.quant import (DEFAULT_FORM, FORMS, ExactH, InputStats, allocate,
+from mpq_det.quant import (DEFAULT_FORM, FORMS, ExactH, Feedback, InputStats, allocate,
                            budget_used, check_bits, check_budget, check_max_points,
                            check_weight, conv_patches, greedy_multipoint,
                            greedy_step, hform_from_dense, linear_rows, mse_clip,
@@ -498,6 +498,27 @@ def test_num_threads_set_during_the_pass_and_restored(monkeypatch):
     with pytest.raises(ValueError, match='num_threads'):
         multipoint_quantize([w for w, _ in L], [h for _, h in L], 4, 0.1,
                             num_threads=0)
+
+
+def test_num_threads_runs_layers_side_by_side_with_the_same_result(monkeypatch):
+    import threading
+
+    import mpq_det.quant.allocation as alloc
+    g = gen(31)
+    Ws = [torch.randn(24, 36, generator=g) for _ in range(4)]
+    Hs = [random_hform(36, 1, 'lowrank', generator=g, n_rows=60) for _ in Ws]
+    fbs = [Feedback(ExactH(h.dense())) for h in Hs]
+    kw = dict(feedbacks=fbs, grid='full', target='int8', pow2=True)
+    one, _ = multipoint_quantize(Ws, Hs, 3, 0.2, num_threads=1, **kw)
+    seen = set()
+    real = alloc.greedy_multipoint
+    monkeypatch.setattr(alloc, 'greedy_multipoint', lambda *a, **k: (
+        seen.add((threading.get_ident(), torch.get_num_threads())), real(*a, **k))[1])
+    two, _ = multipoint_quantize(Ws, Hs, 3, 0.2, num_threads=2, **kw)
+    assert len({t for t, _ in seen}) == 2 and {n for _, n in seen} == {1}
+    for a, b in zip(one, two):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+        assert torch.equal(a.npoints, b.npoints)
 
 
 @pytest.mark.parametrize('budget_on', ['memory', 'both'])

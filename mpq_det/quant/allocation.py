@@ -49,17 +49,19 @@ layer's level rows (``levels.LevelRows``).
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from .feedback import Feedback
 from .grid import (check_bits, check_budget, check_choice, check_max_points,
-                   torch_threads)
+                   check_positive_int, torch_threads)
 from .levels import LevelRows, expanded_rows
 from .multipoint import (DEFAULT_LLOYD, DEFAULT_N_CANDIDATES, DEFAULT_N_REFINE,
                          PointSet, QuantizedWeight,
-                         extend_points, greedy_multipoint, select_points)
+                         extend_points, greedy_multipoint, joint_levels, select_points)
 from .hforms import HForm
 
 MODES = ('global', 'layer')
@@ -414,23 +416,40 @@ def multipoint_quantize(weights: list[Tensor], hforms: list[HForm | None],
     the code grid, 'symmetric' or 'full' (``greedy_multipoint``). ``target``: how
     compute is counted, 'lowbit' or 'int8' (``allocate``).
 
-    ``num_threads``: torch intra-op threads during the pass (restored after);
-    None keeps the current setting. The default 1 is deliberate: the work is many
-    mid-sized memory-bound ops, and on a busy machine (dataloader workers, other
-    jobs) two threads made the RetinaNet pass up to ~45x slower than one
-    (see tools/bench_quant.py).
+    ``num_threads``: how many layers are searched at a time, each in a worker
+    thread whose torch ops run on one intra-op thread (restored after); None keeps
+    torch's setting and searches one layer at a time. The work is many small ops
+    in Python loops (a layer's feedback rounding steps through its columns), so
+    intra-op threads hardly help and on a busy machine made the RetinaNet pass up
+    to ~45x slower; layers side by side scale instead (see tools/bench_quant.py).
+    The result does not depend on ``num_threads``.
     """
     args = (weights, hforms, bits, budget, allocation, max_points, by, n_candidates,
             refit, seed, lazy, min_ratio, n_refine, lloyd, positions, budget_on,
             feedbacks, fb_points, fb_mode, pow2, grid, target)
-    with torch_threads(num_threads):
-        return _multipoint_quantize(*args)
+    if num_threads is not None:
+        num_threads = check_positive_int(num_threads, 'num_threads')
+    with torch_threads(None if num_threads is None else 1):
+        return _multipoint_quantize(*args, workers=num_threads or 1)
+
+
+def _each_layer(fn: Callable[[int], Any], layers: list[int],
+                costs: list[int] | dict[int, int] | None, workers: int) -> dict[int, Any]:
+    """{layer: fn(layer)} over ``layers``, ``workers`` at a time (threads; torch
+    releases the GIL inside its ops), the costliest first so that the last one to
+    finish is a small one."""
+    if workers <= 1 or len(layers) <= 1:
+        return {li: fn(li) for li in layers}
+    order = layers if costs is None else sorted(layers, key=lambda li: -costs[li])
+    with ThreadPoolExecutor(min(workers, len(layers))) as ex:
+        futures = {li: ex.submit(fn, li) for li in order}
+        return {li: futures[li].result() for li in layers}
 
 
 def _multipoint_quantize(weights, hforms, bits, budget, allocation, max_points, by,
                          n_candidates, refit, seed, lazy, min_ratio, n_refine,
                          lloyd, positions, budget_on, feedbacks, fb_points, fb_mode,
-                         pow2=False, grid='symmetric', target='lowbit'):
+                         pow2=False, grid='symmetric', target='lowbit', workers=1):
     budget = check_budget(budget)
     max_points = check_max_points(max_points)
     check_choice(allocation, 'allocation', MODES)
@@ -449,10 +468,17 @@ def _multipoint_quantize(weights, hforms, bits, budget, allocation, max_points, 
     bl = [check_bits(b) for b in bl]
     mixed = len(set(bl)) > 1
     first = 1 if (budget == 0 or lazy) else max_points
-    pss = [greedy_multipoint(W, H, b, max_points, n_candidates, refit, first,
-                             min_ratio, n_refine, lloyd, fb, fb_points, fb_mode, pow2,
-                             grid)
-           for W, H, b, fb in zip(weights, hforms, bl, feedbacks)]
+    costs = [W.numel() for W in weights]
+    # the greedy search layer by layer (side by side on ``workers`` threads), then
+    # the feedback roundings of all layers batched (``joint_levels``)
+    deferred: dict[int, list] = {li: [] for li in range(L)}
+    pss = _each_layer(lambda li: greedy_multipoint(
+        weights[li], hforms[li], bl[li], max_points, n_candidates, refit, first,
+        min_ratio, n_refine, lloyd, feedbacks[li], fb_points, fb_mode, pow2, grid,
+        defer=deferred[li]), list(range(L)), costs, workers)
+    pss = [pss[li] for li in range(L)]
+    joint_levels([jb for li in range(L) for jb in deferred[li]],
+                 lambda fn, keys: _each_layer(fn, keys, None, workers))
     groups = [1 if H is None else H.groups for H in hforms]
     extra = dict(bits=bl if mixed else None, positions=positions, groups=groups,
                  budget_on=budget_on, target=target)
@@ -462,7 +488,7 @@ def _multipoint_quantize(weights, hforms, bits, budget, allocation, max_points, 
         npoints = allocate(pss, None, budget, allocation, by, max_points, seed, **extra)
     else:
         npoints = _lazy_allocate(pss, weights, hforms, feedbacks, budget, allocation,
-                                 by, max_points, seed, extra)
+                                 by, max_points, seed, extra, workers)
     return [select_points(ps, n) for ps, n in zip(pss, npoints)], pss
 
 
@@ -519,7 +545,7 @@ def _pending(pss, npoints, keys, Ps, info, costs: _Costs, mode: str
 
 
 def _lazy_allocate(pss, weights, hforms, feedbacks, budget, mode, by, max_points,
-                   seed, extra):
+                   seed, extra, workers=1):
     """Allocation that computes further points only where they may be taken.
 
     Invariant: a channel whose next point is not computed has an upper bound UB of
@@ -549,7 +575,10 @@ def _lazy_allocate(pss, weights, hforms, feedbacks, budget, mode, by, max_points
             # with several cost mixes, no pending point can change any of them: the
             # best one is the best over all points
             return best
-        for li, chs in todo.items():
+        deferred: dict[int, list] = {li: [] for li in todo}
+
+        def extend(li):
+            chs = todo[li]
             ch = torch.cat(chs)
             if len(chs) > 1:
                 ch = ch.unique()
@@ -558,4 +587,10 @@ def _lazy_allocate(pss, weights, hforms, feedbacks, budget, mode, by, max_points
             for k in sorted(set(ps.computed[ch].tolist())):
                 sub = ch[ps.computed[ch] == k]
                 extend_points(ps, weights[li], hforms[li], sub, k + 1,
-                              feedback=feedbacks[li])
+                              feedback=feedbacks[li], defer=deferred[li])
+
+        _each_layer(extend, list(todo), {li: sum(c.numel() for c in chs) *
+                                         weights[li].shape[1] for li, chs in todo.items()},
+                    workers)
+        joint_levels([jb for li in todo for jb in deferred[li]],
+                     lambda fn, keys: _each_layer(fn, keys, None, workers))

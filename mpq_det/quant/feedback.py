@@ -25,6 +25,8 @@ and d small vector steps in Python.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import Tensor
 
@@ -65,7 +67,7 @@ def feedback_coefficients(H: Tensor) -> Tensor:
         ridge *= 10
     del Hf
     L = L / L.diagonal(dim1=-2, dim2=-1)[..., None, :]
-    return L.flip(-1, -2).float().contiguous()
+    return L.flip(-1, -2).float()
 
 
 class Feedback:
@@ -101,13 +103,17 @@ class Feedback:
 
     def coefficients(self) -> Tensor:
         """(G, nb, b, b): nb diagonal blocks of size b per group (nb = 1 for exact);
-        see ``feedback_coefficients``."""
+        see ``feedback_coefficients``. Kept transposed (``At[..., i, j] = AT[..., j,
+        i]``, contiguous), the layout the rounding reads; this is a view of it."""
+        return self._columns().transpose(-1, -2)
+
+    def _columns(self) -> Tensor:
         if self._A is None:
             m = self.metric
             H = m.H[:, None] if isinstance(m, ExactH) else m.blocks
             if self.perm is not None:
                 H = H[..., self.perm, :][..., :, self.perm]
-            self._A = feedback_coefficients(H)
+            self._A = feedback_coefficients(H).transpose(-1, -2).contiguous()
         return self._A
 
     def round(self, R: Tensor, scale: Tensor, bits: int,
@@ -123,21 +129,20 @@ class Feedback:
         Steps of 0 give zero codes. ``gidx`` as in ``HForm`` (rows from any groups);
         otherwise row j is in group j // (C // G).
         """
-        lim = code_range(bits, grid)  # a bad value fails here, before any work
+        return round_many([(self, R, scale, gidx)], bits, grid)[0]
+
+    def _pieces(self, R: Tensor, scale: Tensor, gidx: Tensor | None):
+        """The rounding of rows R (C, d) as independent batches (X (B, n, b), steps
+        (B, n, k), At (B, b, b)) for ``_round_batched``, and the function that puts
+        their codes (B, n, b, k) back together as codes (C, k, d) of R's columns."""
         C, d = R.shape
         if d != self.d:
             raise ValueError(f'R has {d} columns but H is for d={self.d}')
         if self.perm is not None:
-            q = self._round(R[:, self.perm], scale, lim, gidx)
-            return q[..., self.inv]
-        return self._round(R, scale, lim, gidx)
-
-    def _round(self, R, scale, lim, gidx):
-        C, d = R.shape
-        single = scale.dim() == 1
+            R = R[:, self.perm]
         S = scale.float().reshape(C, -1)                                # (C, k)
         k = S.shape[1]
-        A = self.coefficients()
+        A = self._columns()                                             # At
         G, nb, b, _ = A.shape
         pad = nb * b - d
         Rp = torch.nn.functional.pad(R.float(), (0, pad)) if pad else R.float()
@@ -148,65 +153,176 @@ class Feedback:
             c = C // g
             X = Rp.reshape(g, c, nb, b).permute(0, 2, 1, 3).reshape(g * nb, c, b)
             Sb = S.reshape(g, 1, c, k).expand(g, nb, c, k).reshape(g * nb, c, k)
-            q = _round_batched(X, Sb, A.reshape(G * nb, b, b), lim, self.block)
-            q = q.reshape(g, nb, c, b, k).permute(0, 2, 4, 1, 3).reshape(C, k, nb * b)
+            pieces = [(X, Sb, A.reshape(G * nb, b, b))]
+
+            def join(qs):
+                return qs[0].reshape(g, nb, c, b, k).permute(0, 2, 4, 1, 3) \
+                    .reshape(C, k, nb * b)
         elif C * nb * b * b <= _GATHER_MAX:
             # every row with its own group's coefficients (depthwise convs: d small)
             X = Rp.reshape(C * nb, 1, b)
             Sb = S[:, None].expand(C, nb, k).reshape(C * nb, 1, k)
-            q = _round_batched(X, Sb, A[gidx].reshape(C * nb, b, b), lim, self.block)
-            q = q.reshape(C, nb, b, k).permute(0, 3, 1, 2).reshape(C, k, nb * b)
+            pieces = [(X, Sb, A[gidx].reshape(C * nb, b, b))]
+
+            def join(qs):
+                return qs[0].reshape(C, nb, b, k).permute(0, 3, 1, 2).reshape(C, k, nb * b)
         else:
-            q = torch.empty(C, k, nb * b)
-            for gg in gidx.unique().tolist():
-                m = gidx == gg
+            masks = [gidx == gg for gg in gidx.unique().tolist()]
+            pieces = []
+            for gg, m in zip(gidx.unique().tolist(), masks):
                 n = int(m.sum())
-                X = Rp[m].reshape(n, nb, b).permute(1, 0, 2)
-                Sb = S[m][None].expand(nb, n, k)
-                q[m] = _round_batched(X, Sb, A[gg], lim, self.block) \
-                    .permute(1, 3, 0, 2).reshape(n, k, nb * b)
-        q = q[..., :d]
-        return q[:, 0] if single else q
+                pieces.append((Rp[m].reshape(n, nb, b).permute(1, 0, 2),
+                               S[m][None].expand(nb, n, k), A[gg]))
+
+            def join(qs):
+                q = torch.empty(C, k, nb * b)
+                for m, qg in zip(masks, qs):
+                    q[m] = qg.permute(1, 3, 0, 2).reshape(int(m.sum()), k, nb * b)
+                return q
+
+        def codes(qs):
+            q = join(qs)[..., :d]
+            if self.perm is not None:
+                q = q[..., self.inv]
+            return q[:, 0] if scale.dim() == 1 else q
+        return pieces, codes
 
 
-def _round_batched(X: Tensor, scale: Tensor, AT: Tensor, lim: tuple[int, int],
+# floats of the stacked inputs and coefficients of one batched rounding call at most
+_BATCH_MAX = 2 ** 26
+
+
+def round_many(jobs: list[tuple[Feedback, Tensor, Tensor, Tensor | None]], bits: int,
+               grid: str = 'symmetric',
+               each: Callable[[Callable[[int], Any], list[int]], Any] | None = None
+               ) -> list[Tensor]:
+    """``Feedback.round`` of several (feedback, R, scale, gidx) jobs, e.g. the layers
+    of a model: the codes of each job, the same as one call each.
+
+    The rounding steps through the columns one at a time, and each step is a few
+    small ops whose cost hardly depends on the number of rows. So the jobs' batches
+    with the same block size, number of points and about the same number of rows
+    (within 25%) are stacked (rows zero-padded: a step of 0 gives code 0) and
+    stepped through together (up to ``_BATCH_MAX`` floats a call): layers of one
+    shape cost about what one of them costs. ``each(fn, keys)``: how to call ``fn``
+    on every batch (default: one after the other), e.g. side by side on threads.
+    """
+    lim = code_range(bits, grid)  # a bad value fails here, before any work
+    made = [fb._pieces(R, scale, gidx) for fb, R, scale, gidx in jobs]
+    flat = [(j, i, p) for j, (pieces, _) in enumerate(made) for i, p in enumerate(pieces)]
+    out: dict[tuple[int, int], Tensor] = {}
+    bykey: dict[tuple, list] = {}
+    for j, i, (X, S, At) in flat:
+        bykey.setdefault((X.shape[2], S.shape[2], jobs[j][0].block), []).append((j, i, X, S, At))
+    chunks: list[tuple[int, list, int]] = []      # (size, items, block)
+    for (b, k, block), items in bykey.items():
+        items.sort(key=lambda t: t[2].shape[1])        # similar row counts together
+        chunk: list = []
+        size = 0
+        for it in items + [None]:
+            if it is not None:
+                grow = it[2].shape[0] * (it[2].shape[1] * b + b * b)
+            # padding costs work in every step: only row counts within 25% together
+            if chunk and (it is None or size + grow > _BATCH_MAX
+                          or it[2].shape[1] > 1.25 * chunk[0][2].shape[1]):
+                chunks.append((size * b, chunk, block))
+                chunk, size = [], 0
+            if it is not None:
+                chunk.append(it)
+                size += grow
+    chunks.sort(key=lambda c: -c[0])                   # the largest first
+
+    def run(i):
+        _round_chunk(chunks[i][1], lim, chunks[i][2], out)
+    if each is None:
+        for i in range(len(chunks)):
+            run(i)
+    else:
+        each(run, list(range(len(chunks))))
+    return [codes([out[(j, i)] for i in range(len(pieces))])
+            for j, (pieces, codes) in enumerate(made)]
+
+
+def _round_chunk(items: list, lim: tuple[int, int], block: int,
+                 out: dict[tuple[int, int], Tensor]) -> None:
+    """One ``_round_batched`` call for the pieces ``items`` (job, piece, X, S, At),
+    their rows padded to the largest count; codes go to ``out[(job, piece)]``."""
+    if len(items) == 1:
+        j, i, X, S, At = items[0]
+        out[(j, i)] = _round_batched(X, S, At, lim, block)
+        return
+    n = max(it[2].shape[1] for it in items)
+    Xs = [torch.nn.functional.pad(it[2], (0, 0, 0, n - it[2].shape[1])) for it in items]
+    Ss = [torch.nn.functional.pad(it[3], (0, 0, 0, n - it[3].shape[1])) for it in items]
+    q = _round_batched(torch.cat(Xs), torch.cat(Ss), torch.cat([it[4] for it in items]),
+                       lim, block)
+    s = 0
+    for j, i, X, _, _ in items:
+        out[(j, i)] = q[s:s + X.shape[0], :X.shape[1]]
+        s += X.shape[0]
+
+
+def _round_batched(X: Tensor, scale: Tensor, At: Tensor, lim: tuple[int, int],
                    block: int) -> Tensor:
     """Feedback rounding of X (B, n, b) on k points with steps ``scale`` (B, n, k) and
-    coefficients AT (B, b, b) (``feedback_coefficients``), codes clamped to ``lim`` =
-    (lo, hi). Returns codes (B, n, b, k)."""
+    the transposed coefficients At (B, b, b) (``At[:, i, j] = AT[:, j, i]``, AT from
+    ``feedback_coefficients``), codes clamped to ``lim`` = (lo, hi). Returns codes
+    (B, n, b, k) (a permuted view)."""
     B, n, b = X.shape
     k = scale.shape[-1]
     lo, hi = lim
     ok = scale != 0
-    a = torch.where(ok, scale, torch.zeros_like(scale))                   # (B, n, k)
+    zero = torch.zeros_like(scale)
+    # (B, k, n) and columns first (B, b, n): each column's step below reads and writes
+    # contiguous rows, and writes its codes and errors in place (out=): the loop runs
+    # b * k times, so the number of small ops per column is what it costs
+    a = torch.where(ok, scale, zero).transpose(1, 2).contiguous()
     inv = torch.where(ok, 1.0 / torch.where(ok, scale, torch.ones_like(scale)),
-                      torch.zeros_like(scale))
-    codes = torch.empty(B, n, b, k)
-    E = torch.empty_like(X)                     # e_j = x_j - sum_i a_i q_ij
+                      zero).transpose(1, 2).contiguous()
+    Xt = X.transpose(1, 2).contiguous()                                   # (B, b, n)
+    codes = torch.empty(B, k, b, n)
+    _column_steps(Xt, a, inv, At, codes, float(lo), float(hi), block)
+    return codes.permute(0, 3, 2, 1)
+
+
+def _column_steps_py(Xt: Tensor, a: Tensor, inv: Tensor, At: Tensor, codes: Tensor,
+                     lo: float, hi: float, block: int) -> None:
+    """The column loop of ``_round_batched``: codes (B, k, b, n) written in place."""
+    B, b, n = Xt.shape
+    k = a.shape[1]
+    E = torch.empty_like(Xt)                    # e_j = x_j - sum_i a_i q_ij
     for s in range(0, b, block):
         t = min(s + block, b)
         # targets of this block: the block's own values plus all earlier errors
-        T = X[:, :, s:t].clone()
+        T = Xt[:, s:t].clone()
         if s:
-            T.baddbmm_(E[:, :, :s], AT[:, :s, s:t])
+            T.baddbmm_(At[:, s:t, :s], E[:, :s])
         for i in range(s, t):
-            r = T[:, :, i - s]                                            # (B, n)
+            r = T[:, i - s]                                               # (B, n)
+            e = E[:, i]
             if k == 1:
-                q = (r * inv[..., 0]).round_().clamp_(lo, hi)
-                codes[:, :, i, 0] = q
-                e = X[:, :, i] - a[..., 0] * q
+                q = codes[:, 0, i]
+                torch.mul(r, inv[:, 0], out=q).round_().clamp_(lo, hi)
+                torch.addcmul(Xt[:, i], a[:, 0], q, value=-1, out=e)
             else:
                 rem = r.clone()
                 for p in range(k):
-                    q = (rem * inv[..., p]).round_().clamp_(lo, hi)
-                    codes[:, :, i, p] = q
-                    rem -= a[..., p] * q
-                e = X[:, :, i] - (r - rem)
-            E[:, :, i] = e
+                    q = codes[:, p, i]
+                    torch.mul(rem, inv[:, p], out=q).round_().clamp_(lo, hi)
+                    rem.addcmul_(a[:, p], q, value=-1)
+                torch.sub(Xt[:, i], r - rem, out=e)
             if i + 1 < t:
-                # later columns of the block: t_k += A_ki e_i
-                T[:, :, i + 1 - s:].baddbmm_(e[..., None], AT[:, i:i + 1, i + 1:t])
-    return codes
+                # later columns of the block: t_j += A_ij e_i
+                T[:, i + 1 - s:].baddbmm_(At[:, i + 1:t, i:i + 1], e[:, None])
+
+
+try:
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        _column_steps = torch.jit.script(_column_steps_py)
+except Exception:
+    _column_steps = _column_steps_py
 
 
 def feedback_round_reference(r: Tensor, scale, H: Tensor, bits: int,

@@ -76,6 +76,18 @@ class HForm:
                                 else D[None]).reshape(-1)
         return self._quad_rows(D, gidx)
 
+    def quad_many(self, D: Tensor, gidx: Tensor | None = None) -> Tensor:
+        """(m, C): ``quad`` of each of m stacked row sets D (m, C, d) (e.g. the codes
+        of m candidate scales), in one batched call; ``gidx`` (C,) as in ``quad``."""
+        m, C, d = D.shape
+        if gidx is None and self.groups > 1:
+            G = self.groups
+            self._grouped(D[0])                    # checks d and C % G
+            Dg = D.reshape(m, G, C // G, d).transpose(0, 1).reshape(G, -1, d)
+            return self._quad_g(Dg).reshape(G, m, C // G).transpose(0, 1).reshape(m, C)
+        return self.quad(D.reshape(m * C, d), None if gidx is None else
+                         gidx.repeat(m)).reshape(m, C)
+
     def matvec(self, D: Tensor, gidx: Tensor | None = None) -> Tensor:
         self._check_rows(D, gidx)
         if gidx is None or self.groups == 1:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -48,12 +49,13 @@ from torch import Tensor
 from .grid import (check_bits, check_choice, check_grid, check_max_points,
                    check_positive_int, check_weight, code_range, grid_extent,
                    positive_scales, signed_scales)
-from .feedback import Feedback
+from .feedback import Feedback, round_many
 from .hforms import HForm, IdentityH
 
 DEFAULT_N_CANDIDATES = 16
 DEFAULT_N_REFINE = 8     # fine candidates around the best coarse ratio
 DEFAULT_LLOYD = 1        # re-rounding passes with the refitted scale
+_EVAL_MAX = 2 ** 21      # floats of the candidate codes evaluated in one batch at most
 FB_MODES = ('joint', 'first')
 POINT_SCALES = ('free', 'pow2')
 # Smallest candidate ratio rho (scale relative to the min-max scale) per bit width.
@@ -395,20 +397,52 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
             best_a = torch.where(better, fit, best_a)
             best_r = torch.where(better, a, best_r)
 
+        def evaluate_many(A, rows=None):
+            """``evaluate`` of each row of A (n, C), in that order, a few at a time
+            (one batched pass over H each): the first best candidate wins, as there."""
+            nonlocal best_err, best_a, best_r
+            per = max(1, _EVAL_MAX // max(1, C * R.shape[1]))
+            for s0 in range(0, A.shape[0], per):
+                a = A[s0:s0 + per]                                        # (n, C)
+                ok_a = nz & (a > 0) if rows is None else nz & (a > 0) & rows
+                if not bool(ok_a.any()):
+                    continue
+                inv = torch.where(ok_a, 1.0 / torch.where(ok_a, a, ones),
+                                  torch.zeros_like(a))
+                qs = torch.mul(Rs, inv[..., None]).round_().clamp_(lo, hi)  # (n, C, d)
+                b = torch.linalg.vecdot(qs, HR)
+                c = H.quad_many(qs, gidx)
+                del qs
+                fit = a
+                err = rHr - 2 * a * b + a * a * c
+                if refit:
+                    ok = (c > 0) & free
+                    a_ls = b / torch.where(ok, c, ones)
+                    err_ls = rHr - b * a_ls
+                    use = ok & (err_ls < err)
+                    fit = torch.where(use, a_ls, a)
+                    err = torch.where(use, err_ls, err)
+                err = torch.where(ok_a & ~torch.isnan(err), err, float('inf'))
+                i = torch.argmin(err, 0)[None]                  # the first minimum
+                e = err.gather(0, i)[0]
+                better = e < best_err
+                best_err = torch.where(better, e, best_err)
+                best_a = torch.where(better, fit.gather(0, i)[0], best_a)
+                best_r = torch.where(better, a.gather(0, i)[0], best_r)
+
         if pow2 is not None:
             for j in range(1, int(jmax.max()) + 1):
                 evaluate(step * 2.0 ** -j, False, jmax >= j)
         if bool(free.any()):
             rows = None if bool(free.all()) else free
             rl = ratios.tolist()
-            for rho in rl:
-                evaluate(m * (rho / Q), rows=rows)
+            # each candidate's factor rounded to float first, as m * (rho / Q) does
+            evaluate_many((ratios.double() / Q).float()[:, None] * m, rows)
             if n_refine > 0 and len(rl) > 1:
                 st = abs(rl[0] - rl[1])
                 base = best_r.clone()
-                offs = torch.linspace(-st, st, n_refine + 2)[1:-1].tolist()
-                for off in offs:
-                    evaluate(base + m * (off / Q), rows=rows)
+                offs = torch.linspace(-st, st, n_refine + 2)[1:-1]
+                evaluate_many(base + (offs.double() / Q).float()[:, None] * m, rows)
             for _ in range(lloyd):
                 evaluate(best_a.abs(), rows=rows)
         return best_err, best_a, best_r, side, m
@@ -493,9 +527,19 @@ def joint_feedback(W: Tensor, scales: Tensor, fb: Feedback, bits: int,
     common factor of a row's k scales is refitted, so that their ratios (powers of
     two, ``pow2_room``) stay as they are.
     """
-    M = fb.metric
-    n, k = scales.shape
     codes = fb.round(W, scales, bits, gidx, grid)                 # (n, k, d)
+    return joint_feedback_codes(W, scales, codes, fb, bits, gidx, refit, MW,
+                                fixed_ratios, grid)
+
+
+def joint_feedback_codes(W: Tensor, scales: Tensor, codes: Tensor, fb: Feedback,
+                         bits: int, gidx: Tensor | None = None, refit: bool = True,
+                         MW: Tensor | None = None, fixed_ratios: bool = False,
+                         grid: str = 'symmetric') -> tuple[Tensor, Tensor, Tensor]:
+    """``joint_feedback`` after its rounding: ``codes`` (n, k, d) from
+    ``fb.round(W, scales, bits, gidx, grid)``; the same arguments and result."""
+    M = fb.metric
+    k = scales.shape[1]
     if not refit:
         return scales, codes, M.quad(W - torch.einsum('nk,nkd->nd', scales, codes), gidx)
     if fixed_ratios and k > 1:
@@ -553,27 +597,104 @@ def joint_feedback_refit(W: Tensor, scales: Tensor, codes: Tensor, M: HForm,
     return a, codes, e_ls
 
 
+@dataclass
+class JointJob:
+    """Level ``k`` of joint feedback for channels ``ch`` of a layer's PointSet: the
+    rows to round (``W``, with the first point's other side appended at level 1),
+    their steps and groups. ``_joint_level`` runs it at once; ``joint_levels`` runs
+    many together (the roundings of several layers in one batch)."""
+    ps: PointSet
+    ch: Tensor
+    k: int
+    fb: Feedback
+    W: Tensor
+    scales: Tensor
+    gidx: Tensor | None
+    mw: Tensor | None
+    side: Tensor         # channels (indices into ch) whose other side is appended
+
+    def finish(self, codes: Tensor) -> None:
+        """Refit on the rounded ``codes`` and keep, per channel, the lower error."""
+        ps, ch, k = self.ps, self.ch, self.k
+        a, q, e = joint_feedback_codes(self.W, self.scales, codes, self.fb, ps.bits,
+                                       self.gidx, ps.search.get('refit', True), self.mw,
+                                       ps.search.get('pow2', False), ps.grid)
+        n = ch.numel()
+        if self.side.numel():
+            two = e[n:] < e[self.side]
+            sel = self.side[two]
+            full = (a, q, e)
+            a, q, e = (t[:n].clone() for t in full)
+            a[sel], q[sel], e[sel] = (t[n:][two] for t in full)
+        use = e < ps.cerr[ch, k]
+        ps.alt[k][0][ch] = q.to(torch.int8)
+        ps.alt[k][1][ch] = a
+        ps.use_alt[ch, k] = use
+        ps.err[ch, k] = torch.where(use, e, ps.cerr[ch, k])
+
+
 def _joint_level(ps: PointSet, W: Tensor, ch: Tensor, k: int, fb: Feedback,
-                 gidx: Tensor | None) -> None:
+                 gidx: Tensor | None, defer: list | None = None) -> None:
     """Level k of joint feedback for channels ``ch`` (rows ``W``), in place. At
     level 1 with signed scales, the first point's other side (``PointSet.other``)
-    is rounded as well, and each channel keeps the lower error."""
+    is rounded as well, and each channel keeps the lower error. ``defer``: append
+    the ``JointJob`` there instead, for ``joint_levels``."""
     if k not in ps.alt:
         ps.alt[k] = (torch.zeros(ps.channels, k, ps.d, dtype=torch.int8),
                      torch.zeros(ps.channels, k))
-    args = (fb, ps.bits, gidx, ps.search.get('refit', True),
-            None if ps.mw is None else ps.mw[ch], ps.search.get('pow2', False), ps.grid)
-    a, q, e = joint_feedback(W, ps.scales[ch, :k], *args)
+    n = W.shape[0]
+    scales = ps.scales[ch, :k]
+    mw = None if ps.mw is None else ps.mw[ch]
+    side = torch.zeros(0, dtype=torch.int64)
     if k == 1 and ps.other is not None:
-        a2, q2, e2 = joint_feedback(W, ps.other[ch, None], *args)
-        two = (e2 < e) & (ps.other[ch] != 0)
-        a, q, e = (torch.where(two.reshape(-1, *[1] * (t.dim() - 1)), t2, t)
-                   for t, t2 in ((a, a2), (q, q2), (e, e2)))
-    use = e < ps.cerr[ch, k]
-    ps.alt[k][0][ch] = q.to(torch.int8)
-    ps.alt[k][1][ch] = a
-    ps.use_alt[ch, k] = use
-    ps.err[ch, k] = torch.where(use, e, ps.cerr[ch, k])
+        # the other side's rows ride along in the same rounding: its cost is mostly
+        # per column, not per row
+        side = torch.nonzero(ps.other[ch] != 0).reshape(-1)
+    if side.numel():
+        if gidx is None and fb.groups > 1:
+            gidx = torch.arange(n) // (n // fb.groups)
+        W = torch.cat([W, W[side]])
+        scales = torch.cat([scales, ps.other[ch][side, None]])
+        gidx = None if gidx is None else torch.cat([gidx, gidx[side]])
+        mw = None if mw is None else torch.cat([mw, mw[side]])
+    job = JointJob(ps, ch, k, fb, W, scales, gidx, mw, side)
+    if defer is not None:
+        fb.coefficients()   # its Cholesky now, on this layer's worker, not when batched
+        defer.append(job)
+    else:
+        joint_levels([job])
+
+
+def joint_levels(jobs: list[JointJob],
+                 each: Callable[[Callable[[int], Any], list[int]], Any] | None = None
+                 ) -> None:
+    """Run ``JointJob``s: the roundings of all jobs with the same bits and grid in
+    one ``round_many``, then each job's refit. ``each(fn, keys)``: how to call
+    ``fn`` on every key (default: one after the other), e.g. side by side on
+    worker threads; the keys are the layers (jobs of one PointSet run in order)."""
+    if not jobs:
+        return
+    codes: list = [None] * len(jobs)
+    by: dict[tuple, list[int]] = {}
+    for i, jb in enumerate(jobs):
+        by.setdefault((jb.ps.bits, jb.ps.grid), []).append(i)
+    for (bits, grid), idx in by.items():
+        for i, q in zip(idx, round_many([(jobs[i].fb, jobs[i].W, jobs[i].scales,
+                                          jobs[i].gidx) for i in idx], bits, grid, each)):
+            codes[i] = q
+    layers: dict[int, list[int]] = {}
+    for i, jb in enumerate(jobs):
+        layers.setdefault(id(jb.ps), []).append(i)
+    keys = list(layers)
+
+    def run(key):
+        for i in layers[key]:
+            jobs[i].finish(codes[i])
+    if each is None:
+        for key in keys:
+            run(key)
+    else:
+        each(run, keys)
 
 
 def _pow2_room(ps: PointSet, ch: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
@@ -593,7 +714,8 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
                       n_refine: int = DEFAULT_N_REFINE,
                       lloyd: int = DEFAULT_LLOYD, feedback: Feedback | None = None,
                       fb_points: int = 1, fb_mode: str = 'joint',
-                      pow2: bool = False, grid: str = 'symmetric') -> PointSet:
+                      pow2: bool = False, grid: str = 'symmetric',
+                      defer: list | None = None) -> PointSet:
     """Greedy points for every channel of W (C, d) in the metric of H.
 
     ``H`` None means the weight-space metric (H = I). ``n_points`` (default
@@ -618,6 +740,10 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
 
     ``grid``: the code grid, 'symmetric' or 'full' (``grid.GRIDS``; see the module
     doc for the full grid's signed scales).
+
+    ``defer``: the joint feedback levels are appended there as ``JointJob``s, to be
+    run later with ``joint_levels`` (with other layers' levels); the PointSet is
+    complete only after that.
     """
     n_refine = check_positive_int(n_refine, 'n_refine', 0)
     lloyd = check_positive_int(lloyd, 'lloyd', 0)
@@ -669,7 +795,7 @@ def greedy_multipoint(W: Tensor, H: HForm | None = None, bits: int = 4,
         ps.err[:, k + 1] = e
         ps.cerr[:, k + 1] = e
         if joint and k < fb_points:
-            _joint_level(ps, W, torch.arange(C), k + 1, feedback, None)
+            _joint_level(ps, W, torch.arange(C), k + 1, feedback, None, defer)
         ps.werr[:, k + 1] = torch.linalg.vecdot(R, R)
     ps.computed.fill_(n_points)
     return ps
@@ -686,11 +812,11 @@ def residual(ps: PointSet, W: Tensor, channels: Tensor | None = None) -> Tensor:
 
 
 def extend_points(ps: PointSet, W: Tensor, H: HForm | None, channels: Tensor,
-                  n_points: int | None = None, feedback: Feedback | None = None
-                  ) -> PointSet:
+                  n_points: int | None = None, feedback: Feedback | None = None,
+                  defer: list | None = None) -> PointSet:
     """Compute points up to ``n_points`` (default max_points) for ``channels``, in
     place. Same search settings as the original ``greedy_multipoint`` call, which
-    must have had the same ``feedback``."""
+    must have had the same ``feedback``. ``defer``: as in ``greedy_multipoint``."""
     H = _check_layer(W, H)
     M = _check_feedback(W, H, feedback)
     fb_points = ps.search.get('fb_points', 0)
@@ -733,7 +859,7 @@ def extend_points(ps: PointSet, W: Tensor, H: HForm | None, channels: Tensor,
         ps.err[ch, k + 1] = e
         ps.cerr[ch, k + 1] = e
         if joint and k < fb_points:
-            _joint_level(ps, Wd[ch], ch, k + 1, feedback, g)
+            _joint_level(ps, Wd[ch], ch, k + 1, feedback, g, defer)
         ps.werr[ch, k + 1] = torch.linalg.vecdot(Rn, Rn)
         ps.computed[ch] = k + 1
     return ps
