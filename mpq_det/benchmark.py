@@ -356,7 +356,8 @@ def method_of(r: dict) -> str:
     if r['kind'] != 'mpq':
         return 'fp' if r['kind'] == 'fp' else 'quanto'
     h = r['hook']
-    return h['method'] + (f"+A{act_bits(h)}" if act_bits(h) else '')
+    return h['method'] + (f"+A{act_bits(h)}" if act_bits(h) else '') + \
+        (f" ({h['target']})" if h.get('target') else '')
 
 
 def results_markdown(rows: list[dict]) -> str:
