@@ -156,6 +156,42 @@ def test_feedback_rows_of_any_group_equal_full_layer():
     torch.testing.assert_close(fb.round(W[rows], scale[rows], 3, gidx), full[rows])
 
 
+def test_round_many_equals_one_call_per_layer():
+    """The batched rounding of several layers (stacked, rows padded) gives each layer
+    the codes of its own call: layers of one shape and row counts within 25% are
+    batched, others not, with one or two points, grouped and permuted columns."""
+    from mpq_det.quant.feedback import round_many
+    jobs = []
+    for i, (C, d, groups, rows, k) in enumerate(
+            [(16, 36, 1, 16, 1), (14, 36, 1, 14, 1), (40, 36, 1, 40, 1),   # 16/14 batch
+             (12, 20, 4, 12, 1), (10, 36, 1, 7, 2), (9, 36, 1, 6, 2)]):
+        W, H = correlated_layer(C, d, groups, seed=20 + i)
+        fb = Feedback(ExactH(H), block=8, order=groups == 1 and i % 2 == 0)
+        W = W[:rows]
+        scale = (W.abs().amax(1, keepdim=True) / 3) * torch.tensor([1.0, 0.25])[:k]
+        scale[0] = 0                                           # a zero step: zero codes
+        gidx = None if rows == C else torch.arange(rows) // (C // groups)
+        jobs.append((fb, W, scale if k > 1 else scale[:, 0], gidx))
+    many = round_many(jobs, 3, 'full')
+    for (fb, W, scale, gidx), q in zip(jobs, many):
+        assert torch.equal(q, fb.round(W, scale, 3, gidx, 'full'))
+        assert not q[0].any()
+
+
+@pytest.mark.parametrize('k', [1, 3])
+def test_column_loop_compiled_equals_python(k):
+    """The TorchScript column loop computes what its Python source does."""
+    from mpq_det.quant import feedback as fbm
+    g = gen(41)
+    B, b, n = 2, 20, 6
+    Xt, a = torch.randn(B, b, n, generator=g), torch.rand(B, k, n, generator=g) + 0.1
+    At = torch.randn(B, b, b, generator=g) * 0.2
+    out = [torch.zeros(B, k, b, n) for _ in range(2)]
+    for f, q in zip((fbm._column_steps, fbm._column_steps_py), out):
+        f(Xt, a, 1 / a, At, q, -4.0, 3.0, 8)
+    assert torch.equal(*out) and out[0].abs().sum() > 0
+
+
 def test_input_stats_keep_feedback_H(monkeypatch):
     """Exact H (with the ridge) for moderate d, block-diagonal by input channel above."""
     g = gen(0)

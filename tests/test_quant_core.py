@@ -500,6 +500,19 @@ def test_num_threads_set_during_the_pass_and_restored(monkeypatch):
                             num_threads=0)
 
 
+@pytest.mark.parametrize('form', ['exact', 'lowrank', 'block', 'diag'])
+@pytest.mark.parametrize('groups', [1, 4])
+def test_quad_many_is_quad_of_each(form, groups):
+    g = gen(33)
+    H = random_hform(12, groups, form, generator=g, n_rows=30, block_size=4)
+    D = torch.randn(3, 8, 12, generator=g)
+    want = torch.stack([H.quad(x) for x in D])
+    torch.testing.assert_close(H.quad_many(D), want)
+    gidx = torch.tensor([3, 0, 1, 1, 2, 0, 3, 2]) % groups
+    want = torch.stack([H.quad(x, gidx) for x in D])
+    torch.testing.assert_close(H.quad_many(D, gidx), want)
+
+
 def test_num_threads_runs_layers_side_by_side_with_the_same_result(monkeypatch):
     import threading
 

@@ -7,11 +7,12 @@ Per graph pair and thread count: median and spread of ``--repeats`` timed runs a
 ``--warmup`` runs (the two graphs take turns, in one process), file sizes, the peak
 memory onnxruntime adds (a fresh process per graph), and the convolutions of the
 optimized graph that run as integer kernels (QLinearConv) or in float. ``--r50``
-adds mmdet's RetinaNet-R50 (random init, quantized W4A8 by our model pass) at mmdet's
-test scale (800x1333, padded to 800x1344), batch 1, with three more int8 graphs: with
-its head output convs float (--float-outputs of tools/deploy.py), without the extra
-points (what they cost), quantized with points.scales='pow2' (extra points merged
-into int8 rows), and onnxruntime's own quantize_static W8A8 of the FP32
+adds mmdet's RetinaNet-R50 (random init, quantized W4A8 by our model pass at the
+hook's defaults) at mmdet's test scale (800x1333, padded to 800x1344), batch 1, with
+three more int8 graphs: with its head output convs float (--float-outputs of
+tools/deploy.py), without the extra points (what they cost), quantized with
+target='lowbit' (free point scales: extra points as rows of their own), and
+onnxruntime's own quantize_static W8A8 of the FP32
 graph (tools/deploy.py --ort-static, the optional 4th graph of --graphs); the last line is
 ``int8_speedup=<fp32 median / int8 median>`` for it at 1 thread.
 """
@@ -86,8 +87,9 @@ def main(argv=None) -> int:
         res = bench('retinanet_r50', paths, (1, 3, *args.r50_size), args, args.r50_repeats)
         for t, med in res.items():
             print(f'retinanet_r50 | {t} thread(s) | extra points cost (vs the same graph '
-                  f'without them): int8 {med["int8"] / med["int8_one_point"] - 1:+.1%}, '
-                  f'int8_pow2 {med["int8_pow2"] / med["int8_one_point"] - 1:+.1%}')
+                  f'without them): int8 (target int8, the default) '
+                  f'{med["int8"] / med["int8_one_point"] - 1:+.1%}, int8_lowbit (target '
+                  f'lowbit) {med["int8_lowbit"] / med["int8_one_point"] - 1:+.1%}')
         t = min(res)  # 1 thread unless not asked
         print(f'int8_speedup={res[t]["fp32"] / res[t]["int8"]:.2f}')
     return 0

@@ -111,8 +111,8 @@ NAMES = {'retinanet_r18q': 'RetinaNet', 'fcos_r18q': 'FCOS',
 
 def summary_markdown(rows: list, mets: list) -> str:
     """The headline table: per detector FP, then multipoint at W4/W3 (budget 0.05) and W2
-    (0.1) at the hook's default target (and at target 'lowbit' where swept), each with the best of rtn, mse and ocs at the same budget (by the last metric,
-    COCO mAP for ours) and quanto's qint4/qint2; cells are metrics x100 with the bits per
+    (0.1) at the hook's default target (and at target 'lowbit' where swept), each with
+    the best of rtn, mse and ocs at the same budget (by the last metric, COCO mAP for ours) and quanto's qint4/qint2; cells are metrics x100 with the bits per
     weight in brackets. With the ablation's placement cells, a second table: the last
     metric with the extra points ranked by output error, weight error or at random, per
     layer and across layers."""

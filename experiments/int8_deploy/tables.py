@@ -24,18 +24,23 @@ def main(path: str) -> None:
                      r'ConvInteger, (\d+) float convs.*relative L2 ([\d.e+-]+)', line)
         if m:
             kern[m.group(1), m.group(2), m.group(3)] = m.groups()[3:]
-    print('| detector | ' + ' | '.join(c for _, c in COLS) +
-          ' | W4A8 int8 - PyTorch | pow2 int8 - PyTorch |')
-    print('|' + '---|' * (len(COLS) + 3))
+    # the columns some run printed (experiments/int8_defaults runs a subset)
+    cols = [(k, c) for k, c in COLS if any(key[2] == k for key in val)]
+    pairs = [(a, b, f'{label} int8 - PyTorch') for a, b, label in
+             (('w4a8_int8', 'w4a8_pytorch', 'W4A8'),
+              ('w4a8_pow2_int8', 'w4a8_pow2_pytorch', 'pow2'))
+             if any(key[2] == a for key in val)]
+    print('| detector | ' + ' | '.join(c for _, c in cols) + ''.join(
+        f' | {label}' for _, _, label in pairs) + ' |')
+    print('|' + '---|' * (len(cols) + len(pairs) + 1))
     for ds in ('voc', 'coco'):
         fmt = '.2f' if ds == 'voc' else '.1f'
         for det, name in NAMES.items():
-            row = [val.get((det, ds, k)) for k, _ in COLS]
+            row = [val.get((det, ds, k)) for k, _ in cols]
             cells = ['-' if v is None else format(v, fmt) for v in row]
-            d = {k: v for (k, _), v in zip(COLS, row)}
+            d = {k: val.get((det, ds, k)) for k, _ in COLS}
             diff = [format(d[a] - d[b], '+' + fmt) if d[a] is not None and d[b] is not None
-                    else '-' for a, b in (('w4a8_int8', 'w4a8_pytorch'),
-                                          ('w4a8_pow2_int8', 'w4a8_pow2_pytorch'))]
+                    else '-' for a, b, _ in pairs]
             print(f'| {name}, {ds.upper()} | ' + ' | '.join(cells + diff) + ' |')
     print()
     print('int8 graphs (QLinearConv / ConvInteger / float convs, relative L2 vs PyTorch):')

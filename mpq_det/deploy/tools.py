@@ -147,11 +147,13 @@ def _strip_pretrained(cfg) -> None:
 def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int = 4,
                budget: float = 0.05, seed: int = 0) -> dict[str, str]:
     """mmdet's packaged RetinaNet-R50 (random init), quantized W{bits}A8 by our model
-    pass (multipoint, global budget) on two random images of ``calib_size``, written as
+    pass (multipoint, global budget, the hook's defaults: target 'int8', so the extra
+    points merge into int8 rows) on two random images of ``calib_size``, written as
     FP32, int8, int8 with float head outputs, int8-without-extra-points, int8 of the
-    same pass with ``point_scales='pow2'`` (its extra points merge into int8 rows),
-    and onnxruntime's own ``quantize_static`` W8A8 of the FP32 graph (dynamic image
-    size). Returns {kind: path}. For speed only: the weights are random."""
+    same pass with ``target='lowbit'`` (free point scales: each extra point is a row
+    of its own), and onnxruntime's own ``quantize_static`` W8A8 of the FP32 graph
+    (dynamic image size). Returns {kind: path}. For speed only: the weights are
+    random."""
     import copy
     import os
     import os.path as osp
@@ -195,13 +197,13 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
         return model
     model = quantized()
     paths = {k: osp.join(out_dir, f'retinanet_r50_{k}.onnx') for k in
-             ['fp32', 'int8', 'int8_float_outputs', 'int8_one_point', 'int8_pow2']}
+             ['fp32', 'int8', 'int8_float_outputs', 'int8_one_point', 'int8_lowbit']}
     write_bytes_atomic(torch_to_onnx(float_twin(fp_model), batches[0]).SerializeToString(),
                        paths['fp32'])
     for kind, m, kw in (('int8', model, {}),
                         ('int8_float_outputs', model, dict(int8_outputs=False)),
                         ('int8_one_point', model, dict(first_point_only=True)),
-                        ('int8_pow2', quantized(points=dict(scales='pow2')), {})):
+                        ('int8_lowbit', quantized(target='lowbit'), {})):
         proto, _ = build_int8_onnx(m, batches[0], batches, **kw)
         write_bytes_atomic(proto.SerializeToString(), paths[kind])
     # the peer row: onnxruntime's own W8A8 of the float model, same calibration images
