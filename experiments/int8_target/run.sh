@@ -14,6 +14,10 @@ $E --detectors $DETECTORS --runs mpq_w3 mpq_w2 --work-dir $W/target_int8 \
 $E --detectors retinanet_r18q fcos_r18q --runs mpq_w4 --work-dir $W/target_int8 \
    --cfg-options custom_hooks.0.grid=full custom_hooks.0.target=int8 \
    --out $HERE/target_int8_w4.md
+# W4 of the other two detectors at the defaults (no lowbit run to compare with)
+$E --detectors faster_rcnn_r18q ssdlite_mbv2q --runs mpq_w4 --work-dir $W/target_int8 \
+   --cfg-options custom_hooks.0.grid=full custom_hooks.0.target=int8 \
+   --out $HERE/target_int8_w4_more.md
 echo "int8 minus lowbit, VOC / COCO (x100):"
 $PY experiments/point_scales/compare.py experiments/full_grid/grid_full_w3w2.md $HERE/target_int8_w3w2.md
 $PY experiments/point_scales/compare.py experiments/full_grid/grid_full_w4.md $HERE/target_int8_w4.md

@@ -359,7 +359,6 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
         step, jmax = pow2
         free = jmax < 1
     ones = torch.ones(C)
-    q = torch.empty_like(R)
 
     def search(side):
         """(best error, fitted scale, rounding scale, rows on this side, extent) of
@@ -373,33 +372,11 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
         best_r = torch.zeros(C)         # rounding scale that produced q
         nz = m > 0
 
-        def evaluate(a, refit=refit, rows=None):
-            nonlocal best_err, best_a, best_r
-            ok_a = nz & (a > 0) if rows is None else nz & (a > 0) & rows
-            if not bool(ok_a.any()):
-                return
-            inv = torch.where(ok_a, 1.0 / torch.where(ok_a, a, ones), torch.zeros_like(a))
-            torch.mul(Rs, inv[:, None], out=q)
-            q.round_().clamp_(lo, hi)
-            b = torch.linalg.vecdot(q, HR)
-            c = H.quad(q, gidx)
-            fit = a
-            err = rHr - 2 * a * b + a * a * c
-            if refit:
-                ok = (c > 0) & free
-                a_ls = b / torch.where(ok, c, ones)
-                err_ls = rHr - b * a_ls
-                use = ok & (err_ls < err)
-                fit = torch.where(use, a_ls, a)
-                err = torch.where(use, err_ls, err)
-            better = (err < best_err) & ok_a
-            best_err = torch.where(better, err, best_err)
-            best_a = torch.where(better, fit, best_a)
-            best_r = torch.where(better, a, best_r)
-
-        def evaluate_many(A, rows=None):
-            """``evaluate`` of each row of A (n, C), in that order, a few at a time
-            (one batched pass over H each): the first best candidate wins, as there."""
+        def evaluate(A, rows=None, refit=refit):
+            """Candidate scales: each row of A (n, C) in turn, a few at a time (one
+            batched pass over H each). A candidate replaces a row's best only if
+            strictly better (the first best wins); it is refitted by least squares
+            where that lowers the error (``refit``; rows with free scales only)."""
             nonlocal best_err, best_a, best_r
             per = max(1, _EVAL_MAX // max(1, C * R.shape[1]))
             for s0 in range(0, A.shape[0], per):
@@ -432,19 +409,19 @@ def greedy_step(R: Tensor, H: HForm, bits: int, ratios: Tensor, refit: bool = Tr
 
         if pow2 is not None:
             for j in range(1, int(jmax.max()) + 1):
-                evaluate(step * 2.0 ** -j, False, jmax >= j)
+                evaluate((step * 2.0 ** -j)[None], jmax >= j, False)
         if bool(free.any()):
             rows = None if bool(free.all()) else free
             rl = ratios.tolist()
             # each candidate's factor rounded to float first, as m * (rho / Q) does
-            evaluate_many((ratios.double() / Q).float()[:, None] * m, rows)
+            evaluate((ratios.double() / Q).float()[:, None] * m, rows)
             if n_refine > 0 and len(rl) > 1:
                 st = abs(rl[0] - rl[1])
                 base = best_r.clone()
                 offs = torch.linspace(-st, st, n_refine + 2)[1:-1]
-                evaluate_many(base + (offs.double() / Q).float()[:, None] * m, rows)
+                evaluate(base + (offs.double() / Q).float()[:, None] * m, rows)
             for _ in range(lloyd):
-                evaluate(best_a.abs(), rows=rows)
+                evaluate(best_a.abs()[None], rows)
         return best_err, best_a, best_r, side, m
 
     best_err, best_a, best_r, side, m = search(None)
