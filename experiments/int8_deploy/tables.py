@@ -9,7 +9,8 @@ NAMES = {'retinanet_r18q': 'RetinaNet r18q', 'fcos_r18q': 'FCOS r18q',
          'ssdlite_mbv2q': 'SSDLite MobileNetV2'}
 COLS = [('fp32', 'FP32 ONNX'), ('ort_w8a8', 'ORT W8A8'), ('w8a8_int8', 'ours W8A8 int8'),
         ('w4a8_pytorch', 'W4A8 PyTorch'), ('w4a8_int8', 'W4A8 int8'),
-        ('w3a8_int8', 'W3A8 int8'), ('w4a8_pow2_pytorch', 'W4A8 pow2 PyTorch'),
+        ('w3a8_pytorch', 'W3A8 PyTorch'), ('w3a8_int8', 'W3A8 int8'),
+        ('w4a8_pow2_pytorch', 'W4A8 pow2 PyTorch'),
         ('w4a8_pow2_int8', 'W4A8 pow2 int8'), ('w3a8_pow2_int8', 'W3A8 pow2 int8')]
 
 
@@ -27,7 +28,7 @@ def main(path: str) -> None:
     # the columns some run printed (experiments/int8_defaults runs a subset)
     cols = [(k, c) for k, c in COLS if any(key[2] == k for key in val)]
     pairs = [(a, b, f'{label} int8 - PyTorch') for a, b, label in
-             (('w4a8_int8', 'w4a8_pytorch', 'W4A8'),
+             (('w4a8_int8', 'w4a8_pytorch', 'W4A8'), ('w3a8_int8', 'w3a8_pytorch', 'W3A8'),
               ('w4a8_pow2_int8', 'w4a8_pow2_pytorch', 'pow2'))
              if any(key[2] == a for key in val)]
     print('| detector | ' + ' | '.join(c for _, c in cols) + ''.join(
