@@ -21,7 +21,9 @@ output channels and over the independent diagonal blocks of a block-diagonal H
 
 Cost for a layer of C channels, d columns, one group and exact H: one Cholesky,
 d^3 / 3 flops (once per layer, cached), C * d^2 flops of updates per rounding,
-and d small vector steps in Python.
+and d small vector steps (a TorchScript loop: ``_column_steps``). The steps cost
+about the same for few rows as for many, so ``round_many`` steps several layers'
+rows through together.
 """
 from __future__ import annotations
 
