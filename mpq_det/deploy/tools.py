@@ -193,7 +193,9 @@ def r50_graphs(out_dir: str, calib_size: tuple[int, int] = (320, 320), bits: int
         log(f'RetinaNet-R50 W{bits}A8 (budget {budget}, points={q.points}, '
             f'feedback={q.feedback}): '
             f'extra points add memory {sm["memory_overhead"]:.1%}, MACs '
-            f'{sm["compute_overhead"]:.1%} (at the calibration size)')
+            f'{sm["compute_overhead"]:.1%} as rows, '
+            f'{sm.get("compute_overhead_deployed", sm["compute_overhead"]):.1%} on '
+            f'{q.target} (at the calibration size)')
         return model
     model = quantized()
     paths = {k: osp.join(out_dir, f'retinanet_r50_{k}.onnx') for k in
